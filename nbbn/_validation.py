@@ -1,0 +1,132 @@
+"""Every check of user input, in one place. Each returns arrays the kernels
+can take (native byte order, C-contiguous, writable) or raises a clear
+TypeError/ValueError before anything is changed."""
+import math
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_dtype(dtype, name="dtype"):
+    """``dtype`` as a NumPy dtype, float32 or float64."""
+    try:
+        dt = np.dtype(dtype).newbyteorder("=")
+    except TypeError:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}")
+    return dt
+
+
+def as_array(x, name="x"):
+    """``x`` as a float32/float64 array the kernels can read.
+
+    A copy is made only when needed: other byte order, not C-contiguous, or
+    read-only. The caller's array is never written to.
+    """
+    a = np.asarray(x)
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
+        raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if not (a.flags.c_contiguous and a.flags.writeable):
+        a = np.array(a, order="C")
+    return a
+
+
+def check_axis(axis):
+    if axis not in (1, -1):
+        raise ValueError(f"axis must be 1 (channels first) or -1 (channels last), got {axis!r}")
+    return axis
+
+
+def check_input(x, axis, num_features=None):
+    """Check the shape of an input for channels on ``axis``; return the channel count."""
+    if axis == 1 and not 2 <= x.ndim <= 5:
+        raise ValueError(
+            f"expected a 2-D to 5-D input (N, C, ...) with axis=1, got shape {x.shape}")
+    if axis == -1 and x.ndim < 2:
+        raise ValueError(f"expected an input of at least 2 dimensions (..., C), got shape {x.shape}")
+    channels = x.shape[axis]
+    if num_features is not None and channels != num_features:
+        raise ValueError(
+            f"expected {num_features} channels on axis {axis}, got {channels} "
+            f"(input shape {x.shape})")
+    if x.size == 0:
+        raise ValueError(f"expected a non-empty batch, got input of shape {x.shape}")
+    return channels
+
+
+def check_batch_size(x, channels):
+    """Training needs more than one value per channel (as torch)."""
+    if x.size // channels == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input of shape {x.shape}")
+
+
+def check_like(a, x, name):
+    """``a`` (dy, out) must have the shape and dtype of ``x``."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(a).__name__}")
+    if a.shape != x.shape:
+        raise ValueError(f"{name} must have shape {x.shape}, got {a.shape}")
+    if a.dtype.newbyteorder("=") != x.dtype:
+        raise TypeError(f"{name} must have dtype {x.dtype}, got {a.dtype}")
+
+
+def check_out(out, x):
+    """``out`` must be a writable C-contiguous array like ``x``."""
+    check_like(out, x, "out")
+    if not (out.dtype.isnative and out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out must be a writable, C-contiguous array in native byte order")
+    return out
+
+
+def channel_vector(v, name, channels):
+    """A per-channel float vector of shape (C,) as float64, or None."""
+    if v is None:
+        return None
+    a = np.asarray(v)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real array, got dtype {a.dtype}")
+    if a.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {a.shape}")
+    return a.astype(np.float64)
+
+
+def running_stats(mean, var, channels):
+    """Running statistics to update in place: both or neither, writable float (C,)."""
+    if (mean is None) != (var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    for v, name in ((mean, "running_mean"), (var, "running_var")):
+        if v is None:
+            continue
+        if not isinstance(v, np.ndarray) or v.dtype.newbyteorder("=") not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float32 or float64 NumPy array, got "
+                            f"{getattr(v, 'dtype', type(v).__name__)}")
+        if v.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
+        if not (v.flags.writeable and v.dtype.isnative):
+            raise ValueError(f"{name} must be writable and in native byte order (it is updated in place)")
+
+
+def momentum(m, allow_none=False):
+    if m is None and allow_none:
+        return None
+    if isinstance(m, bool) or not isinstance(m, numbers.Real) or not 0.0 <= m <= 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1]{' or None' if allow_none else ''}, got {m!r}")
+    return float(m)
+
+
+def eps(e):
+    if isinstance(e, bool) or not isinstance(e, numbers.Real) or not (e > 0 and math.isfinite(e)):
+        raise ValueError(f"eps must be a positive finite number, got {e!r}")
+    return float(e)
+
+
+def num_features(n):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"num_features must be a positive integer, got {n!r}")
+    return int(n)

@@ -1,0 +1,166 @@
+"""The stateful BatchNorm layer."""
+import numpy as np
+
+from . import _validation as check
+from .functional import batch_norm_backward, forward
+
+_KEYS_AFFINE = ("weight", "bias")
+_KEYS_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class BatchNorm:
+    """Batch normalization with the semantics of ``torch.nn.BatchNorm{1,2,3}d``.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float
+        Added to the variance.
+    momentum : float or None
+        Weight of each batch in the running averages; None for the
+        cumulative average.
+    affine : bool
+        Learn gamma (``gamma``) and beta (``beta``).
+    track_running_stats : bool
+        Keep running averages and use them in eval mode; if False, batch
+        statistics are used in both modes.
+    axis : {1, -1}
+        Channel axis: 1 for (N, C, ...) inputs, -1 for channels-last (..., C).
+    dtype : {numpy.float32, numpy.float64}
+        dtype of the parameters and running statistics.
+
+    Notes
+    -----
+    :meth:`backward` keeps a reference to the last forward's input: modify
+    that array in between and the gradients are wrong.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, axis=1, dtype=np.float32):
+        self.num_features = check.num_features(num_features)
+        self.eps = check.eps(eps)
+        self.momentum = check.momentum(momentum, allow_none=True)
+        self.axis = check.check_axis(axis)
+        self.dtype = check.float_dtype(dtype)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        c, dt = self.num_features, self.dtype
+        self.gamma = np.ones(c, dt) if self.affine else None
+        self.beta = np.zeros(c, dt) if self.affine else None
+        self.running_mean = np.zeros(c, dt) if self.track_running_stats else None
+        self.running_var = np.ones(c, dt) if self.track_running_stats else None
+        self.num_batches_tracked = 0
+        self.training = True
+        self.grad_gamma = self.grad_beta = None
+        self._saved = None
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"axis={self.axis}, dtype={self.dtype.name})")
+
+    def train(self, mode=True):
+        """Set training mode (batch statistics, running updates); return self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set evaluation mode (running statistics); return self."""
+        return self.train(False)
+
+    def __call__(self, x, out=None):
+        return self.forward(x, out=out)
+
+    def forward(self, x, out=None):
+        """Normalize ``x``; in training mode also update the running statistics.
+
+        Parameters
+        ----------
+        x : ndarray
+            float32 or float64 with ``num_features`` channels on ``axis``.
+        out : ndarray, optional
+            Where to write the output (shape and dtype of ``x``).
+
+        Returns
+        -------
+        ndarray
+            The output, in the dtype of ``x``.
+        """
+        x = check.as_array(x)
+        batch_stats = self.training or self.running_mean is None
+        tracking = self.training and self.running_mean is not None
+        factor = self.momentum
+        if tracking and factor is None:
+            factor = 1.0 / (self.num_batches_tracked + 1)
+        y, mean, invstd, updated = forward(
+            x, self.running_mean, self.running_var, self.gamma, self.beta, batch_stats,
+            0.0 if factor is None else factor, self.eps, axis=self.axis, out=out,
+            num_features=self.num_features)
+        self.num_batches_tracked += updated
+        overwritten = out is not None and np.may_share_memory(out, x)
+        self._saved = (x, mean, invstd, batch_stats, overwritten)
+        return y
+
+    def backward(self, dy, out=None):
+        """Gradient with respect to the input of the most recent forward.
+
+        Sets ``grad_gamma`` and ``grad_beta`` (None without ``affine``).
+
+        Parameters
+        ----------
+        dy : ndarray
+            Gradient of the loss with respect to the forward's output.
+        out : ndarray, optional
+            Where to write the input gradient.
+
+        Returns
+        -------
+        ndarray
+            The input gradient.
+        """
+        if self._saved is None:
+            raise RuntimeError("backward() called before any forward()")
+        x, mean, invstd, batch_stats, overwritten = self._saved
+        if overwritten:
+            raise RuntimeError("the forward's input was overwritten by its out= argument; "
+                               "backward needs it")
+        dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, self.gamma, batch_stats,
+                                                axis=self.axis, out=out)
+        if self.affine:
+            self.grad_gamma, self.grad_beta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
+        return dx
+
+    def _state_keys(self):
+        return (_KEYS_AFFINE if self.affine else ()) + (
+            _KEYS_RUNNING if self.track_running_stats else ())
+
+    def state_dict(self):
+        """Copies of the parameters and running statistics, with the keys of
+        ``torch.nn.BatchNorm2d.state_dict()``."""
+        values = {"weight": self.gamma, "bias": self.beta, "running_mean": self.running_mean,
+                  "running_var": self.running_var,
+                  "num_batches_tracked": np.array(self.num_batches_tracked, dtype=np.int64)}
+        return {k: values[k].copy() for k in self._state_keys()}
+
+    def load_state_dict(self, state_dict):
+        """Load a state (from :meth:`state_dict` or torch): all of it or, on any
+        error, nothing."""
+        keys = self._state_keys()
+        missing = [k for k in keys if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in keys]
+        if missing or unexpected:
+            raise ValueError(f"state_dict keys do not match: missing {missing}, unexpected {unexpected}")
+        new = {}
+        for k in keys:
+            v = np.asarray(state_dict[k])
+            if k == "num_batches_tracked":
+                if v.shape != () or v.dtype.kind not in "iu" or v < 0:
+                    raise ValueError(f"num_batches_tracked must be a non-negative integer, got {v!r}")
+                new[k] = int(v)
+            else:
+                new[k] = check.channel_vector(v, k, self.num_features).astype(self.dtype)
+        for k, attr in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "running_mean"),
+                        ("running_var", "running_var"), ("num_batches_tracked", "num_batches_tracked")):
+            if k in new:
+                setattr(self, attr, new[k])
