@@ -1,0 +1,145 @@
+"""Numerical traps, determinism across thread counts, threads, and the cache."""
+import os
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+import pytest
+
+import naive
+import nbbn
+from nbbn.functional import native_batch_norm
+
+
+def test_numerical_issues_float32_large_offset():
+    """mean 1e5, std 1: E[x^2]-E[x]^2 in float32 would lose every digit."""
+    rng = np.random.default_rng(0)
+    for shape, axis in [((16, 3, 64, 64), 1), ((4096, 3), -1), ((64, 3, 5), 1)]:
+        x = (rng.standard_normal(shape) + 1e5).astype(np.float32)
+        _, _, invstd = native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5, axis=axis)
+        var = 1 / invstd**2 - 1e-5
+        truth = x.astype(np.float64).var(axis=naive.reduce_axes(x.ndim, axis))
+        np.testing.assert_allclose(var, truth, rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 2, 50, 50), 1), ((4, 2, 5), 1), ((100, 2), -1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numerical_issues_constant_channel_is_exactly_zero(shape, axis, dtype):
+    """torch issue 5410: a constant channel of 1e7 gives +-1 there; here exactly 0."""
+    x = np.full(shape, 1e7, dtype)
+    bn = nbbn.BatchNorm(2, axis=axis, dtype=dtype)
+    y = bn(x)
+    assert (y == 0).all()
+    np.testing.assert_array_equal(bn.running_mean, np.full(2, 0.1 * 1e7, dtype))
+
+
+def test_numerical_issues_long_channel():
+    """Ten million values in one channel: the merge keeps float64 accuracy."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((10, 1, 1_000_000)) * 3 + 50).astype(np.float32)
+    _, mean, invstd = native_batch_norm(x, None, None, None, None, True, 0.1, 1e-12)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, [x64.mean()], rtol=1e-12)
+    np.testing.assert_allclose(1 / invstd**2, [x64.var()], rtol=1e-9)
+
+
+DETERMINISM = textwrap.dedent("""
+    import numba, numpy as np, nbbn
+    cases = [((8, 6, 40, 40), 1), ((3, 2, 70000), 1), ((4000, 24), 1), ((7, 9, 9, 5), -1), ((6, 5, 30), 1)]
+    digests = []
+    for threads in (1, 2, 4):
+        numba.set_num_threads(threads)
+        out = []
+        for shape, axis in cases:
+            x = np.random.default_rng(1).standard_normal(shape).astype(np.float32) * 3 + 2
+            bn = nbbn.BatchNorm(shape[axis], axis=axis)
+            y = bn(x)
+            dx = bn.backward(np.cos(x))
+            out += [y, dx, bn.grad_gamma, bn.grad_beta, bn.running_mean, bn.running_var]
+        digests.append(b"".join(a.tobytes() for a in out))
+    print(len(set(digests)), numba.threading_layer())
+""")
+
+
+def test_bitwise_identical_for_1_2_and_4_threads(tmp_path):
+    env = dict(os.environ, NUMBA_NUM_THREADS="4", NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", DETERMINISM], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "1", result.stdout
+
+
+THREADED = textwrap.dedent("""
+    from concurrent.futures import ThreadPoolExecutor
+    import numba, numpy as np, nbbn
+    x = np.random.default_rng(0).standard_normal((16, 8, 32, 32)).astype(np.float32)
+    expected = nbbn.batch_norm(x, training=True)
+    def work(i):
+        bn = nbbn.BatchNorm(8)
+        y = bn(x)
+        bn.backward(y)
+        return np.array_equal(y, expected)
+    with ThreadPoolExecutor(8) as pool:
+        ok = all(pool.map(work, range(64)))
+    print(ok, numba.threading_layer())
+""")
+
+
+@pytest.mark.parametrize("layer", [None, "workqueue"])
+def test_calls_from_many_python_threads(tmp_path, layer):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    if layer:
+        env["NUMBA_THREADING_LAYER"] = layer
+    result = subprocess.run([sys.executable, "-c", THREADED], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    ok, used = result.stdout.split()
+    assert ok == "True"
+    if layer:
+        assert used == layer
+
+
+def test_calls_from_threads_in_process():
+    x = np.random.default_rng(0).standard_normal((4, 3, 20, 20))
+    expected = nbbn.batch_norm(x, training=True)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: nbbn.batch_norm(x, training=True), range(16)))
+    for r in results:
+        np.testing.assert_array_equal(r, expected)
+
+
+CACHED = textwrap.dedent("""
+    import numpy as np, nbbn
+    from nbbn import kernels
+    bn = nbbn.BatchNorm(4)
+    x = np.random.default_rng(0).standard_normal((4, 4, 16, 16)).astype(np.float32)
+    y = bn(x); bn.backward(y)
+    hits = sum(sum(k.stats.cache_hits.values()) for k in
+               (kernels.plane_moments, kernels.plane_affine, kernels.plane_grad_sums, kernels.plane_grad_input))
+    print(hits, float(np.abs(y).sum()))
+""")
+
+
+def test_kernels_cached_by_one_process_run_in_a_fresh_one(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", CACHED], env=env, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    first, second = (r.stdout.split() for r in runs)
+    assert first[0] == "0" and second[0] == "4"
+    assert first[1] == second[1]
+
+
+def test_set_num_threads_is_honoured():
+    x = np.random.default_rng(0).standard_normal((8, 4, 30, 30))
+    full = nbbn.batch_norm(x, training=True)
+    default = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        np.testing.assert_array_equal(nbbn.batch_norm(x, training=True), full)
+    finally:
+        numba.set_num_threads(default)
