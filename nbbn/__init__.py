@@ -1,6 +1,8 @@
 """nbbn: fast, exact batch normalization for NumPy, with Numba kernels."""
 from .batchnorm import BatchNorm
+from .fold import fold_conv, fold_linear
 from .functional import batch_norm
+from .renorm import BatchRenorm
 
-__all__ = ["BatchNorm", "batch_norm"]
+__all__ = ["BatchNorm", "batch_norm", "BatchRenorm", "fold_linear", "fold_conv"]
 __version__ = "0.1.0"

@@ -130,3 +130,19 @@ def num_features(n):
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"num_features must be a positive integer, got {n!r}")
     return int(n)
+
+
+def virtual_batch_size(k):
+    """Ghost batch size: None or a positive integer."""
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"virtual_batch_size must be None or a positive integer, got {k!r}")
+    return int(k)
+
+
+def renorm_limit(value, name, lowest):
+    """``rmax`` (>= 1) or ``dmax`` (>= 0) of batch renormalization; inf allowed."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= lowest:
+        raise ValueError(f"{name} must be a number >= {lowest}, got {value!r}")
+    return float(value)

@@ -29,6 +29,12 @@ class BatchNorm:
         Channel axis: 1 for (N, C, ...) inputs, -1 for channels-last (..., C).
     dtype : {numpy.float32, numpy.float64}
         dtype of the parameters and running statistics.
+    virtual_batch_size : int, optional
+        Ghost batch normalization: in training, normalize each group of this
+        many consecutive samples along axis 0 with its own statistics (the
+        last group may be smaller) and update the running statistics once per
+        group, in order; ``num_batches_tracked`` counts groups. Evaluation is
+        unchanged. None (default) normalizes the whole batch at once.
 
     Notes
     -----
@@ -37,12 +43,14 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32):
+                 track_running_stats=True, *, axis=1, dtype=np.float32,
+                 virtual_batch_size=None):
         self.num_features = check.num_features(num_features)
         self.eps = check.eps(eps)
         self.momentum = check.momentum(momentum, allow_none=True)
         self.axis = check.check_axis(axis)
         self.dtype = check.float_dtype(dtype)
+        self.virtual_batch_size = check.virtual_batch_size(virtual_batch_size)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         c, dt = self.num_features, self.dtype
@@ -58,7 +66,9 @@ class BatchNorm:
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis}, dtype={self.dtype.name})")
+                f"axis={self.axis}, dtype={self.dtype.name}"
+                + (f", virtual_batch_size={self.virtual_batch_size})"
+                   if self.virtual_batch_size is not None else ")"))
 
     def train(self, mode=True):
         """Set training mode (batch statistics, running updates); return self."""
@@ -88,6 +98,8 @@ class BatchNorm:
             The output, in the dtype of ``x``.
         """
         x = check.as_array(x)
+        if self.training and self.virtual_batch_size is not None:
+            return self._ghost_forward(x, out)
         batch_stats = self.training or self.running_mean is None
         tracking = self.training and self.running_mean is not None
         factor = self.momentum
@@ -125,11 +137,54 @@ class BatchNorm:
         if overwritten:
             raise RuntimeError("the forward's input was overwritten by its out= argument; "
                                "backward needs it")
+        if isinstance(mean, list):
+            return self._ghost_backward(dy, out, x, mean)
         dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, self.gamma, batch_stats,
                                                 axis=self.axis, out=out)
         if self.affine:
             self.grad_gamma, self.grad_beta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
         return dx
+
+    def _ghost_forward(self, x, out):
+        """Training forward of ghost batch normalization: each group of
+        ``virtual_batch_size`` samples along axis 0 is a batch of its own."""
+        channels = check.check_input(x, self.axis, self.num_features)
+        out = np.empty_like(x) if out is None else check.check_out(out, x)
+        k, n = self.virtual_batch_size, x.shape[0]
+        bounds = [(lo, min(lo + k, n)) for lo in range(0, n, k)]
+        for lo, hi in (bounds[0], bounds[-1]):
+            try:
+                check.check_batch_size(x[lo:hi], channels)
+            except ValueError as e:
+                raise ValueError(f"{e} (samples {lo}:{hi} of a batch of shape {x.shape}, "
+                                 f"virtual_batch_size={k})") from None
+        groups = []
+        for lo, hi in bounds:
+            factor = self.momentum
+            if factor is None:
+                factor = 1.0 / (self.num_batches_tracked + 1)
+            _, mean, invstd, updated = forward(
+                x[lo:hi], self.running_mean, self.running_var, self.gamma, self.beta, True,
+                factor, self.eps, axis=self.axis, out=out[lo:hi])
+            self.num_batches_tracked += updated
+            groups.append((slice(lo, hi), mean, invstd))
+        overwritten = np.may_share_memory(out, x)
+        self._saved = (x, groups, None, True, overwritten)
+        return out
+
+    def _ghost_backward(self, dy, out, x, groups):
+        """Backward of :meth:`_ghost_forward`, group by group."""
+        dy = check.as_array(dy, "dy")
+        check.check_like(dy, x, "dy")
+        out = np.empty_like(x) if out is None else check.check_out(out, x)
+        dgamma = dbeta = 0.0
+        for part, mean, invstd in groups:
+            _, dw, db = batch_norm_backward(dy[part], x[part], mean, invstd, self.gamma, True,
+                                            axis=self.axis, out=out[part])
+            dgamma, dbeta = dgamma + dw.astype(np.float64), dbeta + db.astype(np.float64)
+        if self.affine:
+            self.grad_gamma, self.grad_beta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
+        return out
 
     def _state_keys(self):
         return (_KEYS_AFFINE if self.affine else ()) + (
