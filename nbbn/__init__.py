@@ -3,6 +3,8 @@ from .batchnorm import BatchNorm
 from .fold import fold_conv, fold_linear
 from .functional import batch_norm
 from .renorm import BatchRenorm
+from .sync import SyncBatchNorm
 
-__all__ = ["BatchNorm", "batch_norm", "BatchRenorm", "fold_linear", "fold_conv"]
+__all__ = ["BatchNorm", "batch_norm", "BatchRenorm", "fold_linear", "fold_conv",
+           "SyncBatchNorm"]
 __version__ = "0.1.0"

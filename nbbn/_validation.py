@@ -42,8 +42,11 @@ def check_axis(axis):
     return axis
 
 
-def check_input(x, axis, num_features=None):
-    """Check the shape of an input for channels on ``axis``; return the channel count."""
+def check_input(x, axis, num_features=None, allow_empty=False):
+    """Check the shape of an input for channels on ``axis``; return the channel count.
+
+    ``allow_empty``: accept an input with no values (a rank's empty slice of a
+    synchronized batch); it still needs a channel axis of ``num_features``."""
     if axis == 1 and not 2 <= x.ndim <= 5:
         raise ValueError(
             f"expected a 2-D to 5-D input (N, C, ...) with axis=1, got shape {x.shape}")
@@ -54,7 +57,7 @@ def check_input(x, axis, num_features=None):
         raise ValueError(
             f"expected {num_features} channels on axis {axis}, got {channels} "
             f"(input shape {x.shape})")
-    if x.size == 0:
+    if x.size == 0 and not (allow_empty and channels > 0):
         raise ValueError(f"expected a non-empty batch, got input of shape {x.shape}")
     return channels
 

@@ -84,10 +84,17 @@ def forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
         raise ValueError("running_mean and running_var are required when training=False")
     else:
         mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
+    y, invstd = normalize(x, layout, mean, var, weight, bias, eps, out)
+    return y, mean, invstd, updated
+
+
+def normalize(x, layout, mean, var, weight, bias, eps, out):
+    """Write ``(x - mean) / sqrt(var + eps) * weight + bias`` into ``out``;
+    return ``(out, invstd)``. Inputs already validated, statistics float64."""
     invstd = 1.0 / np.sqrt(var + eps)
     scale = invstd if weight is None else weight * invstd
     shift = -mean * scale if bias is None else bias - mean * scale
-    return affine(x, layout, scale, shift, out), mean, invstd, updated
+    return affine(x, layout, scale, shift, out), invstd
 
 
 def _update_running(running_mean, running_var, mean, var, count, factor):
@@ -139,10 +146,18 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis
     layout = layout_of(x.shape, axis)
     s_dy, s_dyx = grad_sums(x, dy, layout, mean)
     dweight = s_dyx * invstd
-    a = invstd if weight is None else weight * invstd
     if training:
-        n = layout.count
-        grad_input(dy, x, layout, a, -a * invstd * dweight / n, -a * s_dy / n, mean, out)
+        grad_input(dy, x, layout, *grad_coefficients(s_dy, s_dyx, invstd, weight, layout.count),
+                   mean, out)
     else:
+        a = invstd if weight is None else weight * invstd
         affine(dy, layout, a, np.zeros_like(a), out)
     return out, dweight.astype(x.dtype), s_dy.astype(x.dtype)
+
+
+def grad_coefficients(s_dy, s_dyx, invstd, weight, count):
+    """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c`` for batch statistics
+    over ``count`` values per channel, from the per-channel sums ``s_dy = sum(dy)``
+    and ``s_dyx = sum(dy * (x - mean))`` over those values (all float64)."""
+    a = invstd if weight is None else weight * invstd
+    return a, -a * invstd * (s_dyx * invstd) / count, -a * s_dy / count
