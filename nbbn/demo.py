@@ -1,0 +1,249 @@
+"""``python -m nbbn demo``: does batch norm let a network train faster, and at higher
+learning rates? Train the NumPy MLP of :mod:`nbbn.mlp` on scikit-learn's bundled
+handwritten digits with and without BatchNorm, at a low and a high learning rate, from the
+same initial weights and the same batches, and compare.
+
+Needs the optional extra ``demo`` (scikit-learn for the data, matplotlib for ``--plot``).
+"""
+import argparse
+import time
+import warnings
+
+import numpy as np
+
+from .mlp import MLP, accuracy, cross_entropy
+
+__all__ = ["load_digits_split", "train", "run", "plot", "format_table", "add_arguments",
+           "main"]
+
+#: Test accuracy the "steps to reach" column counts up to.
+TARGET = 0.9
+
+
+def load_digits_split(seed=0, test_fraction=0.25, dtype=np.float32):
+    """The 1797 8x8 digits of ``sklearn.datasets.load_digits`` (bundled, no download),
+    pixels scaled to [0, 1], shuffled with ``seed`` and split into train and test.
+
+    Returns
+    -------
+    x_train, y_train, x_test, y_test : ndarray
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise RuntimeError("the demo needs scikit-learn: pip install 'nbbn[demo]'") from e
+    data = load_digits()
+    x, y = (data.data / 16.0).astype(dtype), data.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = int(round(test_fraction * len(y)))
+    test, tr = order[:n_test], order[n_test:]
+    return x[tr], y[tr], x[test], y[test]
+
+
+def train(data, *, batch_norm, lr, steps=500, batch_size=64, hidden=(128, 64), seed=0,
+          eval_every=5, target=TARGET):
+    """Train one MLP with plain SGD and record its curves.
+
+    Parameters
+    ----------
+    data : tuple
+        ``(x_train, y_train, x_test, y_test)``.
+    batch_norm : bool
+        BatchNorm after each hidden Linear, or not.
+    lr : float
+        SGD learning rate.
+    steps, batch_size : int
+        Number of SGD steps and samples per step (batches drawn by epochs of
+        a permutation seeded with ``seed``: the same for every model).
+    hidden : tuple of int
+        Hidden widths.
+    seed : int
+        Seed of the initial weights and of the batch order.
+    eval_every : int
+        Test accuracy is measured (in eval mode) every this many steps.
+    target : float
+        Test accuracy whose first crossing is reported.
+
+    Returns
+    -------
+    dict
+        ``loss`` (training loss per step), ``eval_steps`` and ``test_acc``
+        (the curve), ``final_acc``, ``steps_to_target`` (None if never),
+        ``diverged_at`` (first step with a non-finite loss, or None) and
+        ``seconds``.
+    """
+    x_tr, y_tr, x_te, y_te = data
+    net = MLP([x_tr.shape[1], *hidden, int(y_tr.max()) + 1], batch_norm, seed=seed,
+              dtype=x_tr.dtype)
+    order_rng = np.random.default_rng(seed + 1)
+    order, pos = order_rng.permutation(len(y_tr)), 0
+    losses, eval_steps, accs = [], [], []
+    reached = diverged = None
+    t0 = time.perf_counter()
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)     # a diverged batch norm warns
+        for step in range(1, steps + 1):
+            if pos + batch_size > len(order):
+                order, pos = order_rng.permutation(len(y_tr)), 0
+            idx = order[pos:pos + batch_size]
+            pos += batch_size
+            net.train()
+            loss, dlogits = cross_entropy(net.forward(x_tr[idx]), y_tr[idx])
+            losses.append(loss)
+            if not np.isfinite(loss):
+                diverged = step
+                break
+            net.backward(dlogits)
+            net.sgd_step(lr)
+            if step % eval_every == 0 or step == steps:
+                acc = accuracy(net.eval().forward(x_te), y_te)
+                eval_steps.append(step)
+                accs.append(acc)
+                if reached is None and acc >= target:
+                    reached = step
+    final = accs[-1] if accs and diverged is None else float("nan")
+    return {"batch_norm": bool(batch_norm), "lr": float(lr), "loss": losses,
+            "eval_steps": eval_steps, "test_acc": accs, "final_acc": final,
+            "steps_to_target": reached, "diverged_at": diverged,
+            "seconds": time.perf_counter() - t0}
+
+
+def _warm_up(dtype, hidden):
+    """Compile (or load from numba's cache) the kernels the demo uses; return seconds."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    net = MLP([4, *hidden, 3], True, dtype=dtype)
+    net.backward(net.forward(rng.standard_normal((8, 4)).astype(dtype)))
+    net.eval().forward(rng.standard_normal((8, 4)).astype(dtype))
+    return time.perf_counter() - t0
+
+
+def _blas_threads(n):
+    """Limit BLAS (the Linear layers' matmuls) to ``n`` threads while in the block.
+
+    On few cores, a multithreaded BLAS and numba's threads alternating call by call
+    oversubscribe the cores and each spins while the other works: on 2 cores the demo ran
+    ~40x slower with both pools at 2 threads. Its matmuls are tiny, so one BLAS thread is
+    best. threadpoolctl comes with scikit-learn; without it this does nothing.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import contextlib
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+def run(*, lrs=(0.03, 2.0), steps=500, batch_size=64, hidden=(128, 64), seed=0,
+        eval_every=5, log=print):
+    """Train the four models (without and with BatchNorm, at each learning rate).
+
+    Returns
+    -------
+    results : list of dict
+        One :func:`train` result per model, in table order.
+    timing : dict
+        ``warm_up`` (kernel compile or cache load) and ``train`` seconds.
+    """
+    data = load_digits_split(seed)
+    with _blas_threads(1):
+        return _run(data, lrs, steps, batch_size, hidden, seed, eval_every, log)
+
+
+def _run(data, lrs, steps, batch_size, hidden, seed, eval_every, log):
+    warm = _warm_up(data[0].dtype, hidden)
+    log(f"digits: {len(data[1])} train / {len(data[3])} test images; MLP 64-"
+        f"{'-'.join(map(str, hidden))}-10, SGD, batch {batch_size}, {steps} steps, seed {seed}")
+    results = []
+    t0 = time.perf_counter()
+    for lr in lrs:
+        for bn in (False, True):
+            r = train(data, batch_norm=bn, lr=lr, steps=steps, batch_size=batch_size,
+                      hidden=hidden, seed=seed, eval_every=eval_every)
+            results.append(r)
+            log(f"  trained {'BatchNorm' if bn else 'plain':9s} lr={lr:g} in {r['seconds']:.1f} s")
+    return results, {"warm_up": warm, "train": time.perf_counter() - t0}
+
+
+def format_table(results, target=TARGET):
+    """The results as a Markdown table (readable in a terminal too)."""
+    lines = [f"| model | learning rate | final test accuracy | steps to {target:.0%} test accuracy |"
+             " final train loss |", "|---|---|---|---|---|"]
+    for r in results:
+        name = "MLP + BatchNorm" if r["batch_norm"] else "MLP"
+        if r["diverged_at"] is not None:
+            acc, loss = f"diverged (step {r['diverged_at']})", "nan"
+        else:
+            acc = f"{r['final_acc']:.3f}"
+            loss = f"{np.mean(r['loss'][-20:]):.3f}"
+        reached = "never" if r["steps_to_target"] is None else str(r["steps_to_target"])
+        lines.append(f"| {name} | {r['lr']:g} | {acc} | {reached} | {loss} |")
+    return "\n".join(lines)
+
+
+def plot(results, path, target=TARGET):
+    """Write the training-loss and test-accuracy curves of ``results`` as a PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib: pip install 'nbbn[demo]'") from e
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {}
+    for r in results:
+        lr = r["lr"]
+        color = colors.setdefault(lr, f"C{len(colors)}")
+        style = "-" if r["batch_norm"] else "--"
+        label = f"{'BatchNorm' if r['batch_norm'] else 'plain'}, lr={lr:g}"
+        loss = np.asarray(r["loss"], dtype=np.float64)
+        k = min(10, len(loss))                             # moving average over 10 steps
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid") if k else loss
+        ax_loss.plot(np.arange(k, len(loss) + 1), smooth, style, color=color, label=label)
+        ax_acc.plot(r["eval_steps"], r["test_acc"], style, color=color, label=label)
+    ax_loss.set(xlabel="SGD step", ylabel="training loss (10-step mean)", yscale="log",
+                title="training loss")
+    ax_acc.axhline(target, color="grey", lw=0.8, ls=":")
+    ax_acc.set(xlabel="SGD step", ylabel="test accuracy", ylim=(0, 1), title="test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(loc="lower right")
+    fig.suptitle("MLP on sklearn digits: with (solid) and without (dashed) nbbn.BatchNorm")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser):
+    """Add the demo's options to an ``argparse`` parser."""
+    parser.add_argument("--steps", type=int, default=500, help="SGD steps per model (500)")
+    parser.add_argument("--lr", type=float, nargs="+", default=[0.03, 2.0], metavar="LR",
+                        help="learning rates, each run with and without BatchNorm (0.03 2.0)")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per step (64)")
+    parser.add_argument("--eval-every", type=int, default=5,
+                        help="measure test accuracy every this many steps (5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, batches, split")
+    parser.add_argument("--plot", metavar="PATH", help="write the curves as a PNG here")
+    return parser
+
+
+def main(args):
+    """Run the demo from parsed ``args`` (see :func:`add_arguments`); return 0."""
+    if args.steps < 1 or args.batch_size < 2 or args.eval_every < 1 or min(args.lr) <= 0:
+        raise SystemExit(f"demo: expected --steps >= 1, --batch-size >= 2, --eval-every >= 1 "
+                         f"and --lr > 0, got {args.steps}, {args.batch_size}, "
+                         f"{args.eval_every}, {args.lr}")
+    results, timing = run(lrs=tuple(args.lr), steps=args.steps, batch_size=args.batch_size,
+                          seed=args.seed, eval_every=args.eval_every)
+    print()
+    print(format_table(results))
+    print(f"\ntraining: {timing['train']:.1f} s for {len(results)} models; numba warm-up "
+          f"(compile, or load from cache): {timing['warm_up']:.1f} s")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"curves written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(add_arguments(argparse.ArgumentParser(prog="nbbn.demo")).parse_args()))
