@@ -120,6 +120,9 @@ class SyncBatchNorm(BatchNorm):
         """
         if not isinstance(bn, BatchNorm):
             raise TypeError(f"bn must be a BatchNorm, got {type(bn).__name__}")
+        if type(bn).forward not in (BatchNorm.forward, SyncBatchNorm.forward):
+            raise TypeError(f"cannot synchronize a {type(bn).__name__}: its forward is not "
+                            "BatchNorm's")
         if getattr(bn, "virtual_batch_size", None) is not None:
             raise ValueError("cannot synchronize ghost batch normalization "
                              f"(virtual_batch_size={bn.virtual_batch_size})")
@@ -192,7 +195,7 @@ class SyncBatchNorm(BatchNorm):
             raise ValueError(f"Expected more than 1 value per channel when training, got "
                              f"{count:.0f} over {rows.shape[0]} rank(s) (input shape here {x.shape})")
         mean, m2 = merge_moments(counts, np.ascontiguousarray(rows[:, 2:2 + c]),
-                                         np.ascontiguousarray(rows[:, 2 + c:]))
+                                 np.ascontiguousarray(rows[:, 2 + c:]))
         var = m2 / count
         if self.running_mean is not None:
             factor = self.momentum
@@ -206,7 +209,7 @@ class SyncBatchNorm(BatchNorm):
             y, invstd = normalize(x, layout, mean, var, weight, bias, self.eps, out)
         else:
             y, invstd = out, 1.0 / np.sqrt(var + self.eps)
-        overwritten = out is not None and np.may_share_memory(out, x)
+        overwritten = np.may_share_memory(out, x)
         self._saved = _Synced(x, layout, mean, invstd, count, overwritten)
         return y
 

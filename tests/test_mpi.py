@@ -226,6 +226,35 @@ def test_from_batchnorm_copies_settings_state_and_mode(rng):
     np.testing.assert_array_equal(sync(x), bn(x))  # eval: plain BatchNorm
     with pytest.raises(TypeError, match="BatchNorm"):
         nbbn.SyncBatchNorm.from_batchnorm(object(), thread_comms(1)[0])
+    with pytest.raises(TypeError, match="BatchRenorm"):  # other math: not converted silently
+        nbbn.SyncBatchNorm.from_batchnorm(nbbn.BatchRenorm(4), thread_comms(1)[0])
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        nbbn.SyncBatchNorm.from_batchnorm(nbbn.BatchNorm(4, virtual_batch_size=2),
+                                          thread_comms(1)[0])
+    again = nbbn.SyncBatchNorm.from_batchnorm(sync, thread_comms(1)[0])  # a new comm
+    assert repr(again) == repr(sync)
+
+
+def test_out_is_written_and_an_overwritten_input_stops_the_backward(rng):
+    x = rng.standard_normal((6, 3))
+    comms = thread_comms(2)
+
+    def rank(comm):
+        bn = nbbn.SyncBatchNorm(3, dtype=np.float64, comm=comm)
+        mine = x[3 * comm.rank:3 * comm.rank + 3].copy()
+        out = np.empty_like(mine)
+        assert bn(mine, out=out) is out
+        y = out.copy()
+        bn(mine, out=mine)  # in place: fine for the forward
+        np.testing.assert_array_equal(mine, y)
+        with pytest.raises(RuntimeError, match="overwritten"):
+            bn.backward(np.ones_like(mine))
+        return y, comm.collectives
+
+    ref = nbbn.BatchNorm(3, dtype=np.float64)
+    (y0, calls0), (y1, calls1) = on_ranks(comms, rank)
+    np.testing.assert_allclose(np.concatenate([y0, y1]), ref(x), rtol=1e-12, atol=1e-12)
+    assert calls0 == calls1 == 3
 
 
 # --- real MPI: mpiexec -n 2 and -n 3 ---------------------------------------------------

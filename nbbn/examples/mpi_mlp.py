@@ -56,7 +56,10 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=0.5)
     args = parser.parse_args(argv)
 
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        parser.exit(2, "this example needs mpi4py and an MPI library: pip install 'nbbn[mpi]'\n")
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     if args.batch < size:
