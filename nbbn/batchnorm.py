@@ -1,6 +1,7 @@
 """The stateful BatchNorm layer."""
 import numpy as np
 
+from . import _cuda
 from . import _validation as check
 from .functional import batch_norm_backward, forward
 
@@ -35,6 +36,8 @@ class BatchNorm:
         last group may be smaller) and update the running statistics once per
         group, in order; ``num_batches_tracked`` counts groups. Evaluation is
         unchanged. None (default) normalizes the whole batch at once.
+    device : {'cpu', 'cuda'}
+        Where the parameters live and the layer computes; see :meth:`to`.
 
     Notes
     -----
@@ -44,7 +47,7 @@ class BatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, axis=1, dtype=np.float32,
-                 virtual_batch_size=None):
+                 virtual_batch_size=None, device="cpu"):
         self.num_features = check.num_features(num_features)
         self.eps = check.eps(eps)
         self.momentum = check.momentum(momentum, allow_none=True)
@@ -62,13 +65,16 @@ class BatchNorm:
         self.training = True
         self.grad_gamma = self.grad_beta = None
         self._saved = None
+        self.device = "cpu"
+        self.to(device)
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype={self.dtype.name}"
-                + (f", virtual_batch_size={self.virtual_batch_size})"
-                   if self.virtual_batch_size is not None else ")"))
+                + (f", virtual_batch_size={self.virtual_batch_size}"
+                   if self.virtual_batch_size is not None else "")
+                + (f", device={self.device!r}" if self.device != "cpu" else "") + ")")
 
     def train(self, mode=True):
         """Set training mode (batch statistics, running updates); return self."""
@@ -78,6 +84,39 @@ class BatchNorm:
     def eval(self):
         """Set evaluation mode (running statistics); return self."""
         return self.train(False)
+
+    def to(self, device):
+        """Move the parameters, running statistics and gradients to ``device``;
+        return self.
+
+        On ``'cuda'`` (``numba.cuda``, imported now), :meth:`forward` and
+        :meth:`backward` take NumPy arrays (copied to the GPU) or device arrays
+        (``__cuda_array_interface__``) and return Numba device arrays; ``gamma``,
+        ``beta`` and the running statistics are device arrays;
+        :meth:`state_dict` still returns NumPy arrays. A pending :meth:`backward`
+        is dropped.
+
+        Raises
+        ------
+        RuntimeError
+            ``'cuda'`` without a GPU (nor ``NUMBA_ENABLE_CUDASIM=1``), or for a
+            subclass with its own forward, which has no GPU path.
+        """
+        device = _cuda.check_device(device)
+        if device == self.device:
+            return self
+        if device == "cuda":
+            if type(self).forward is not BatchNorm.forward:
+                raise NotImplementedError(f"{type(self).__name__} has no GPU path")
+            _cuda.cuda()
+        move = _cuda.to_device if device == "cuda" else _cuda.to_host
+        moved = {name: move(getattr(self, name)) for name in
+                 ("gamma", "beta", "running_mean", "running_var", "grad_gamma", "grad_beta")
+                 if getattr(self, name) is not None}
+        for name, value in moved.items():
+            setattr(self, name, value)
+        self.device, self._saved = device, None
+        return self
 
     def __call__(self, x, out=None):
         return self.forward(x, out=out)
@@ -97,8 +136,16 @@ class BatchNorm:
         ndarray
             The output, in the dtype of ``x``.
         """
-        x = check.as_array(x)
+        if self.device == "cuda":
+            x = _cuda.as_input(x)
+        elif _cuda.is_device_array(x):
+            raise TypeError("x is a device array but the layer is on the CPU: "
+                            "move the layer with .to('cuda') or pass a NumPy array")
+        else:
+            x = check.as_array(x)
         if self.training and self.virtual_batch_size is not None:
+            if self.device == "cuda":
+                raise NotImplementedError("virtual_batch_size has no GPU path")
             return self._ghost_forward(x, out)
         batch_stats = self.training or self.running_mean is None
         tracking = self.training and self.running_mean is not None
@@ -110,7 +157,10 @@ class BatchNorm:
             0.0 if factor is None else factor, self.eps, axis=self.axis, out=out,
             num_features=self.num_features)
         self.num_batches_tracked += updated
-        overwritten = out is not None and np.may_share_memory(out, x)
+        if self.device == "cuda":
+            overwritten = out is not None and _cuda.shares_memory(y, x)
+        else:
+            overwritten = out is not None and np.may_share_memory(out, x)
         self._saved = (x, mean, invstd, batch_stats, overwritten)
         return y
 
@@ -141,7 +191,10 @@ class BatchNorm:
             return self._ghost_backward(dy, out, x, mean)
         dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, self.gamma, batch_stats,
                                                 axis=self.axis, out=out)
-        if self.affine:
+        if self.affine and self.device == "cuda":
+            self.grad_gamma = _cuda.astype(dgamma, self.dtype)
+            self.grad_beta = _cuda.astype(dbeta, self.dtype)
+        elif self.affine:
             self.grad_gamma, self.grad_beta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
         return dx
 
@@ -192,11 +245,11 @@ class BatchNorm:
 
     def state_dict(self):
         """Copies of the parameters and running statistics, with the keys of
-        ``torch.nn.BatchNorm2d.state_dict()``."""
+        ``torch.nn.BatchNorm2d.state_dict()``: NumPy arrays on any device."""
         values = {"weight": self.gamma, "bias": self.beta, "running_mean": self.running_mean,
                   "running_var": self.running_var,
                   "num_batches_tracked": np.array(self.num_batches_tracked, dtype=np.int64)}
-        return {k: values[k].copy() for k in self._state_keys()}
+        return {k: _cuda.to_host(values[k]) for k in self._state_keys()}
 
     def load_state_dict(self, state_dict):
         """Load a state (from :meth:`state_dict` or torch): all of it or, on any
@@ -215,6 +268,9 @@ class BatchNorm:
                 new[k] = int(v)
             else:
                 new[k] = check.channel_vector(v, k, self.num_features).astype(self.dtype)
+        if self.device == "cuda":
+            new = {k: v if k == "num_batches_tracked" else _cuda.to_device(v)
+                   for k, v in new.items()}
         for k, attr in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "running_mean"),
                         ("running_var", "running_var"), ("num_batches_tracked", "num_batches_tracked")):
             if k in new:

@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 
+from . import _cuda
 from . import _validation as check
 from . import kernels
 from ._engine import affine, grad_input, grad_sums, layout_of, moments
@@ -19,7 +20,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     ----------
     x : ndarray
         float32 or float64 input, (N, C, ...) with ``axis=1`` or (..., C)
-        with ``axis=-1``. Never modified.
+        with ``axis=-1``. Never modified. A device array (anything with
+        ``__cuda_array_interface__``) runs on the GPU: the output is then a
+        Numba device array (see docs/gpu.md).
     running_mean, running_var : ndarray of shape (C,), optional
         Used to normalize when ``training`` is False; updated in place when
         it is True (``(1 - momentum) * running + momentum * batch``, the
@@ -65,6 +68,9 @@ def forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
             axis=1, out=None, num_features=None):
     """:func:`native_batch_norm`, also returning whether the running
     statistics were updated (the layer counts batches by it)."""
+    if _cuda.is_device_array(x):
+        return _cuda.forward(x, running_mean, running_var, weight, bias, training, momentum,
+                             eps, axis=axis, out=out, num_features=num_features)
     x = check.as_array(x)
     channels = check.check_input(x, check.check_axis(axis), num_features)
     weight = check.channel_vector(weight, "weight", channels)
@@ -135,6 +141,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis
     dweight, dbias : ndarray of shape (C,)
         ``sum(dy * x_hat)`` and ``sum(dy)`` per channel, in the dtype of ``x``.
     """
+    if _cuda.is_device_array(x) or _cuda.is_device_array(dy):
+        return _cuda.backward(dy, x, mean, invstd, weight, training, axis=axis, out=out)
     x = check.as_array(x)
     channels = check.check_input(x, check.check_axis(axis))
     dy = check.as_array(dy, "dy")

@@ -1,0 +1,358 @@
+"""GPU dispatch: validate, move arrays to the device, plan and launch the
+kernels of ``nbbn.cuda_kernels``. The twin of ``nbbn._engine`` plus the GPU
+halves of ``nbbn.functional``.
+
+``numba.cuda`` is imported on the first GPU call, never by ``import nbbn``.
+Launch constants live here, read at call time (tests patch them small for
+the simulator). Results depend on the shape and on ``LANES`` and
+``ELEMENTS_PER_LANE``, never on ``THREADS_PER_BLOCK`` or the device.
+"""
+import math
+import types
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _validation as check
+
+#: Threads of every block; a power of two.
+THREADS_PER_BLOCK = 256
+#: Logical lanes of a block's reduction; a power of two, at most
+#: ``cuda_kernels.MAX_LANES``. Each thread plays ``LANES / THREADS_PER_BLOCK`` lanes.
+LANES = 256
+#: Elements one lane reduces into a partial state.
+ELEMENTS_PER_LANE = 16
+
+DEVICES = ("cpu", "cuda")
+_cuda = None
+
+
+def check_device(device):
+    """``device`` must be 'cpu' or 'cuda'."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return device
+
+
+def cuda():
+    """``numba.cuda``, imported on first use.
+
+    Raises
+    ------
+    RuntimeError
+        If numba has no CUDA target, or neither a GPU nor the simulator
+        (``NUMBA_ENABLE_CUDASIM=1``) is available.
+    """
+    global _cuda
+    if _cuda is None:
+        try:
+            from numba import cuda as module
+        except ImportError as e:
+            raise RuntimeError("device='cuda' needs numba's CUDA target: "
+                               "pip install 'nbbn[cuda]'") from e
+        if not module.is_available():
+            reason = " ".join(str(module.cuda_error() or "no device found").split())
+            raise RuntimeError(
+                "device='cuda' was requested but no CUDA GPU is available "
+                f"(numba.cuda.is_available() is False: {reason}); set NUMBA_ENABLE_CUDASIM=1 "
+                "before numba is imported to run on numba's CUDA simulator")
+        _cuda = module
+    return _cuda
+
+
+def _kernels():
+    cuda()
+    from . import cuda_kernels
+    return cuda_kernels
+
+
+def is_device_array(a):
+    """Whether ``a`` lives on the GPU: a Numba device array or any object with
+    ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors)."""
+    return bool(getattr(a, "__cuda_ndarray__", False)) or hasattr(a, "__cuda_array_interface__")
+
+
+def _device_view(a):
+    """A Numba device array over the same memory as device array ``a``."""
+    return a if getattr(a, "__cuda_ndarray__", False) else cuda().as_cuda_array(a)
+
+
+def as_input(x, name="x"):
+    """``x`` as a float32/float64 C-contiguous device array; NumPy input
+    (anything not on the device) is validated as on the CPU and copied."""
+    if not is_device_array(x):
+        return cuda().to_device(check.as_array(x, name))
+    a = _device_view(x)
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
+        raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+    if not a.is_c_contiguous():
+        raise ValueError(f"{name} must be C-contiguous on the device, got shape {a.shape} "
+                         f"with strides {a.strides}")
+    return a
+
+
+def to_device(a):
+    """``a`` on the device (a copy of a host array; device arrays as they are)."""
+    return _device_view(a) if is_device_array(a) else cuda().to_device(np.ascontiguousarray(a))
+
+
+def to_host(a):
+    """A NumPy copy of ``a``, wherever it is."""
+    return _device_view(a).copy_to_host() if is_device_array(a) else np.array(a)
+
+
+def astype(a, dtype):
+    """Device array ``a`` (1-D) in ``dtype`` (``a`` itself if it has it)."""
+    if a.dtype == dtype:
+        return a
+    out = cuda().device_array(a.shape, dtype)
+    _kernels().cast[_grid(a.shape[0]), THREADS_PER_BLOCK](a, out)
+    return out
+
+
+def shares_memory(a, b):
+    """Whether device arrays ``a`` and ``b`` overlap."""
+    if not hasattr(a, "__cuda_array_interface__"):  # the simulator wraps NumPy arrays
+        return np.may_share_memory(a._ary, b._ary)
+    lo_a = a.__cuda_array_interface__["data"][0]
+    lo_b = b.__cuda_array_interface__["data"][0]
+    return lo_a < lo_b + b.nbytes and lo_b < lo_a + a.nbytes
+
+
+def _meta(x):
+    """Shape facts of a device array for the checks of ``nbbn._validation``
+    (the simulator's shapes take no negative index)."""
+    return types.SimpleNamespace(ndim=x.ndim, shape=tuple(x.shape), size=x.size)
+
+
+def _grid(n):
+    return max(1, -(-n // THREADS_PER_BLOCK))
+
+
+def _vector(v, name, channels):
+    """A per-channel (C,) device vector (NumPy input: float64 copy), or None."""
+    if v is None:
+        return None
+    if not is_device_array(v):
+        return cuda().to_device(check.channel_vector(v, name, channels))
+    a = _device_view(v)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real array, got dtype {a.dtype}")
+    if a.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {a.shape}")
+    return a
+
+
+def _running_stats(mean, var, channels):
+    """Validate running statistics (device or NumPy arrays, updated in place)."""
+    if (mean is None) != (var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    for v, name in ((mean, "running_mean"), (var, "running_var")):
+        if v is None:
+            continue
+        a = _device_view(v) if is_device_array(v) else v
+        if not isinstance(a, np.ndarray) and not is_device_array(a) or \
+                a.dtype.newbyteorder("=") not in check.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float32 or float64 NumPy or device array, got "
+                            f"{getattr(a, 'dtype', type(a).__name__)}")
+        if a.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), got {a.shape}")
+        if isinstance(a, np.ndarray) and not (a.flags.writeable and a.dtype.isnative):
+            raise ValueError(f"{name} must be writable and in native byte order "
+                             "(it is updated in place)")
+
+
+def _output(out, x):
+    """``out`` checked against ``x`` (a device array like it), or a new one."""
+    if out is None:
+        return cuda().device_array(x.shape, x.dtype)
+    if not is_device_array(out):
+        raise TypeError(f"out must be a device array when the input is on the GPU, "
+                        f"got {type(out).__name__}")
+    o = _device_view(out)
+    _check_like(o, x, "out")
+    if not o.is_c_contiguous():
+        raise ValueError("out must be C-contiguous")
+    return o
+
+
+def _check_like(a, x, name):
+    if a.shape != x.shape:
+        raise ValueError(f"{name} must have shape {x.shape}, got {a.shape}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} must have dtype {x.dtype}, got {a.dtype}")
+
+
+class Plan(NamedTuple):
+    """How an input is viewed and cut into blocks (see ``nbbn.cuda_kernels``).
+
+    ``step`` is the chunk of a plane (planes) or the rows of a chunk (rows);
+    ``states`` the partial states per channel; ``merge`` the
+    ``(stride, size, total)`` that give each state's count.
+    """
+
+    view: tuple
+    planes: bool
+    channels: int
+    inner: int
+    count: int
+    lanes: int
+    step: int
+    blocks: int
+    states: int
+    merge: tuple
+
+
+def plan_of(shape, axis):
+    """The :class:`Plan` of an input of ``shape`` with channels on ``axis``."""
+    lanes = LANES
+    if lanes & (lanes - 1) or not 1 <= lanes <= _kernels().MAX_LANES:
+        raise ValueError(f"LANES must be a power of two <= {_kernels().MAX_LANES}, got {lanes}")
+    channels = shape[axis]
+    count = math.prod(shape) // channels
+    inner = math.prod(shape[2:]) if axis == 1 else 1
+    if axis == 1 and len(shape) > 2 and inner >= lanes:
+        chunk = lanes * ELEMENTS_PER_LANE
+        k = -(-inner // chunk)
+        return Plan((shape[0], channels, inner), True, channels, inner, count, lanes, chunk,
+                    shape[0] * channels * k, shape[0] * k, (1, chunk, inner))
+    rows = shape[0] if axis == 1 else count
+    width = channels * inner
+    group = max(1, lanes // width)
+    rows_per_chunk = ELEMENTS_PER_LANE * group
+    chunks = -(-rows // rows_per_chunk)
+    tiles = -(-width // min(width, lanes))
+    return Plan((rows, width), False, channels, inner, count, lanes, rows_per_chunk,
+                tiles * chunks, chunks * inner, (inner, rows_per_chunk, rows))
+
+
+def moments(x, plan):
+    """Per-channel mean and biased variance (float64 device vectors) of ``x``."""
+    cu, k, tpb = cuda(), _kernels(), THREADS_PER_BLOCK
+    v = x.reshape(plan.view)
+    means = cu.device_array((plan.channels, plan.states))
+    m2s = cu.device_array((plan.channels, plan.states))
+    if plan.planes:
+        k.plane_moments[plan.blocks, tpb](v, plan.step, plan.lanes, means, m2s)
+    else:
+        k.row_moments[plan.blocks, tpb](v, plan.step, plan.inner, plan.lanes, means, m2s)
+    mean, var = cu.device_array(plan.channels), cu.device_array(plan.channels)
+    k.merge_moments[plan.channels, tpb](means, m2s, *plan.merge, plan.lanes, mean, var)
+    return mean, var
+
+
+def affine(x, plan, mean, scale, shift, out):
+    """``out = (x - mean) * scale + shift`` per channel."""
+    k, tpb = _kernels(), THREADS_PER_BLOCK
+    v, o = x.reshape(plan.view), out.reshape(plan.view)
+    if plan.planes:
+        k.plane_affine[plan.blocks, tpb](v, mean, scale, shift, plan.step, o)
+    else:
+        k.row_affine[plan.blocks, tpb](v, mean, scale, shift, plan.step, plan.inner,
+                                       plan.lanes, o)
+    return out
+
+
+def grad_sums(x, dy, plan, mean):
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` (float64 device vectors)."""
+    cu, k, tpb = cuda(), _kernels(), THREADS_PER_BLOCK
+    v, g = x.reshape(plan.view), dy.reshape(plan.view)
+    s_dy = cu.device_array((plan.channels, plan.states))
+    s_dyx = cu.device_array((plan.channels, plan.states))
+    if plan.planes:
+        k.plane_grad_sums[plan.blocks, tpb](v, g, mean, plan.step, plan.lanes, s_dy, s_dyx)
+    else:
+        k.row_grad_sums[plan.blocks, tpb](v, g, mean, plan.step, plan.inner, plan.lanes,
+                                          s_dy, s_dyx)
+    a, b = cu.device_array(plan.channels), cu.device_array(plan.channels)
+    k.merge_sums[plan.channels, tpb](s_dy, s_dyx, plan.lanes, a, b)
+    return a, b
+
+
+def grad_input(dy, x, plan, a, b, c, mean, out):
+    """``out = dy * a + (x - mean) * b + c`` per channel."""
+    k, tpb = _kernels(), THREADS_PER_BLOCK
+    g, v, o = dy.reshape(plan.view), x.reshape(plan.view), out.reshape(plan.view)
+    if plan.planes:
+        k.plane_grad_input[plan.blocks, tpb](g, v, a, b, c, mean, plan.step, o)
+    else:
+        k.row_grad_input[plan.blocks, tpb](g, v, a, b, c, mean, plan.step, plan.inner,
+                                           plan.lanes, o)
+    return out
+
+
+def forward(x, running_mean, running_var, weight, bias, training, momentum, eps, *,
+            axis=1, out=None, num_features=None):
+    """The GPU twin of ``nbbn.functional.forward``: ``(y, mean, invstd, updated)``
+    with ``y`` a device array like ``x``, ``mean`` and ``invstd`` float64 device
+    vectors. NumPy running statistics are updated in place too."""
+    x = as_input(x)
+    channels = check.check_input(_meta(x), check.check_axis(axis), num_features)
+    weight = _vector(weight, "weight", channels)
+    bias = _vector(bias, "bias", channels)
+    _running_stats(running_mean, running_var, channels)
+    momentum, eps = check.momentum(momentum), check.eps(eps)
+    if training:
+        check.check_batch_size(_meta(x), channels)
+    elif running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    out = _output(out, x)
+    plan = plan_of(tuple(x.shape), axis)
+    cu, k, tpb = cuda(), _kernels(), THREADS_PER_BLOCK
+    stats = None if running_mean is None else (to_device(running_mean), to_device(running_var))
+    updated = False
+    if training:
+        mean, var = moments(x, plan)
+        if stats is not None:
+            updated = _update_running(running_mean, running_var, stats, mean, var,
+                                      plan.count, momentum)
+    else:
+        mean, var = stats
+    mean64, invstd, scale, shift = (cu.device_array(channels) for _ in range(4))
+    k.coefficients[_grid(channels), tpb](
+        mean, var, mean if weight is None else weight, mean if bias is None else bias,
+        weight is not None, bias is not None, eps, mean64, invstd, scale, shift)
+    return affine(x, plan, mean64, scale, shift, out), mean64, invstd, updated
+
+
+def _update_running(running_mean, running_var, stats, mean, var, count, factor):
+    """Update the running statistics on the device unless the batch's are not
+    finite (then warn); copy them back into NumPy running statistics."""
+    ok = cuda().device_array(1, np.int32)
+    _kernels().update_running[1, THREADS_PER_BLOCK](*stats, mean, var, count / (count - 1),
+                                                    factor, LANES, ok)
+    if not ok.copy_to_host()[0]:
+        warnings.warn("batch statistics are not finite (NaN or Inf in the input): "
+                      "running statistics were not updated", RuntimeWarning, stacklevel=5)
+        return False
+    for host, dev in zip((running_mean, running_var), stats):
+        if not is_device_array(host):
+            host[...] = dev.copy_to_host()
+    return True
+
+
+def backward(dy, x, mean, invstd, weight=None, training=True, *, axis=1, out=None):
+    """The GPU twin of ``nbbn.functional.batch_norm_backward``:
+    ``(dx, dweight, dbias)`` as device arrays, the gradients in ``x``'s dtype."""
+    x = as_input(x)
+    channels = check.check_input(_meta(x), check.check_axis(axis))
+    dy = as_input(dy, "dy")
+    _check_like(dy, x, "dy")
+    mean = _vector(mean, "mean", channels)
+    invstd = _vector(invstd, "invstd", channels)
+    weight = _vector(weight, "weight", channels)
+    out = _output(out, x)
+    plan = plan_of(tuple(x.shape), axis)
+    cu, tpb = cuda(), THREADS_PER_BLOCK
+    s_dy, s_dyx = grad_sums(x, dy, plan, mean)
+    a, b, c = (cu.device_array(channels) for _ in range(3))
+    dweight, dbias = cu.device_array(channels, x.dtype), cu.device_array(channels, x.dtype)
+    _kernels().backward_coefficients[_grid(channels), tpb](
+        s_dy, s_dyx, invstd, invstd if weight is None else weight, weight is not None,
+        float(plan.count), bool(training), a, b, c, dweight, dbias)
+    if training:
+        grad_input(dy, x, plan, a, b, c, mean, out)
+    else:
+        affine(dy, plan, b, a, b, out)  # b is 0 here: out = dy * a
+    return out, dweight, dbias

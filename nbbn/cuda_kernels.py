@@ -1,0 +1,414 @@
+"""Numba CUDA kernels for batch normalization: the GPU twins of
+``nbbn.kernels``, loops and nothing else (launches live in ``nbbn._cuda``).
+
+Importing this module imports ``numba.cuda``; ``nbbn`` does so only on the
+first GPU call. Two views of an input, as on the CPU:
+
+* planes: ``x`` viewed as ``(N, C, M)``; one block per fixed chunk of an
+  ``(n, c)`` plane;
+* rows: ``x`` viewed as ``(R, W)`` with ``W = C * inner`` columns, the channel
+  of column ``j`` being ``j // inner``; one block per (column tile, chunk of
+  rows). A block's lanes own columns; when ``W`` is narrower than a block,
+  ``lanes // W`` lanes share a column, each taking every ``group``-th row.
+
+Every reduction runs over ``lanes`` logical lanes held in shared memory,
+whatever the number of threads (each thread plays lanes ``tid``,
+``tid + blockDim``, ...), and is folded by a fixed tree. For the statistics a
+lane takes two passes over its few elements (mean, then squared deviations,
+read again from cache) and lane states are merged with Chan's formula. Partial
+states are
+written per block and merged per channel in a fixed order (Chan's formula for
+(count, mean, M2)). No float atomics: results depend on the shape and on
+``lanes`` only, never on the threads per block or the device. Every value is
+converted to float64 as it is loaded (explicitly: the simulator computes in
+NumPy, where a float32 plus a Python float stays float32), and all arithmetic
+is in float64. The normalization is written ``(x - mean) * scale + shift`` so
+that a contracted multiply-add (the CUDA default) still gives exact zeros for
+a constant channel.
+"""
+import math
+
+from numba import cuda, float64, int32
+
+#: Size of the shared arrays: the most lanes a launch may use.
+MAX_LANES = 256
+
+
+@cuda.jit(device=True)
+def _tree_sum2(sa, sb, lanes):
+    """Fold ``sa[:lanes]`` and ``sb[:lanes]`` into their lane 0, in a fixed order."""
+    tid = cuda.threadIdx.x
+    tpb = cuda.blockDim.x
+    s = lanes // 2
+    while s > 0:
+        cuda.syncthreads()
+        for lane in range(tid, s, tpb):
+            sa[lane] += sa[lane + s]
+            sb[lane] += sb[lane + s]
+        s //= 2
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, M2) states (Chan et al.)."""
+    if n_b == 0.0:
+        return n_a, mean_a, m2_a
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    w = n_b / n
+    return n, mean_a + delta * w, m2_a + m2_b + delta * delta * n_a * w
+
+
+@cuda.jit(device=True)
+def _plane_block(x, chunk):
+    """(n, c, lo, hi) of this block's chunk of an (N, C, M) view."""
+    channels = x.shape[1]
+    m = x.shape[2]
+    k_chunks = (m + chunk - 1) // chunk
+    t = cuda.blockIdx.x
+    k = t % k_chunks
+    lo = k * chunk
+    return t // (channels * k_chunks), (t // k_chunks) % channels, lo, min(lo + chunk, m)
+
+
+@cuda.jit(device=True)
+def _row_block(x, rows_per_chunk, lanes):
+    """(p, r0, r1, first column, span, group) of this block of an (R, W) view."""
+    n_rows, width = x.shape
+    span = min(width, lanes)
+    tiles = (width + span - 1) // span
+    b = cuda.blockIdx.x
+    p = b // tiles
+    r0 = p * rows_per_chunk
+    group = max(1, lanes // width)
+    return p, r0, min(r0 + rows_per_chunk, n_rows), (b % tiles) * span, span, group
+
+
+@cuda.jit(device=True)
+def _fold_group(sh, lane, span, group):
+    """Sum of the ``group`` lanes that share the column of ``lane`` (< span)."""
+    s = 0.0
+    for q in range(group):
+        s += sh[lane + q * span]
+    return s
+
+
+@cuda.jit(device=True)
+def _tree_chan(shn, shm, shq, lanes):
+    """Merge the (count, mean, M2) states of ``lanes`` lanes into lane 0, in a
+    fixed order."""
+    tid = cuda.threadIdx.x
+    tpb = cuda.blockDim.x
+    h = lanes // 2
+    while h > 0:
+        cuda.syncthreads()
+        for lane in range(tid, h, tpb):
+            n, mean, m2 = _chan(shn[lane], shm[lane], shq[lane],
+                                shn[lane + h], shm[lane + h], shq[lane + h])
+            shn[lane] = n
+            shm[lane] = mean
+            shq[lane] = m2
+        h //= 2
+    cuda.syncthreads()
+
+
+@cuda.jit
+def plane_moments(x, chunk, lanes, means, m2s):
+    """(mean, M2) of each chunk of ``x`` (N, C, M) into ``means[c, n*K + k]``.
+
+    Each lane takes two passes over its elements (mean, then squared
+    deviations, read again from cache); lane states are merged by a tree."""
+    shn = cuda.shared.array(MAX_LANES, float64)
+    shm = cuda.shared.array(MAX_LANES, float64)
+    shq = cuda.shared.array(MAX_LANES, float64)
+    tid = cuda.threadIdx.x
+    tpb = cuda.blockDim.x
+    n, c, lo, hi = _plane_block(x, chunk)
+    for lane in range(tid, lanes, tpb):
+        count = max(0, (hi - lo - lane + lanes - 1) // lanes)
+        acc = 0.0
+        for i in range(lo + lane, hi, lanes):
+            acc += float64(x[n, c, i])
+        mean = acc / count if count > 0 else 0.0
+        acc = 0.0
+        for i in range(lo + lane, hi, lanes):
+            d = float64(x[n, c, i]) - mean
+            acc += d * d
+        shn[lane] = count
+        shm[lane] = mean
+        shq[lane] = acc
+    _tree_chan(shn, shm, shq, lanes)
+    if tid == 0:
+        s = n * ((x.shape[2] + chunk - 1) // chunk) + lo // chunk
+        means[c, s] = shm[0]
+        m2s[c, s] = shq[0]
+
+
+@cuda.jit
+def row_moments(x, rows_per_chunk, inner, lanes, means, m2s):
+    """(mean, M2) of each column of each chunk of rows of ``x`` (R, W) into
+    ``means[c, p*inner + i]`` for column ``c*inner + i``."""
+    shn = cuda.shared.array(MAX_LANES, float64)
+    shm = cuda.shared.array(MAX_LANES, float64)
+    shq = cuda.shared.array(MAX_LANES, float64)
+    tid = cuda.threadIdx.x
+    tpb = cuda.blockDim.x
+    width = x.shape[1]
+    p, r0, r1, col0, span, group = _row_block(x, rows_per_chunk, lanes)
+    for lane in range(tid, lanes, tpb):
+        col = col0 + lane % span
+        off = lane // span
+        count = 0
+        mean = 0.0
+        acc = 0.0
+        if col < width and off < group:
+            count = max(0, (r1 - r0 - off + group - 1) // group)
+            for r in range(r0 + off, r1, group):
+                acc += float64(x[r, col])
+            mean = acc / count if count > 0 else 0.0
+            acc = 0.0
+            for r in range(r0 + off, r1, group):
+                d = float64(x[r, col]) - mean
+                acc += d * d
+        shn[lane] = count
+        shm[lane] = mean
+        shq[lane] = acc
+    cuda.syncthreads()
+    for lane in range(tid, span, tpb):
+        col = col0 + lane
+        if col < width:
+            n, mean, m2 = 0.0, 0.0, 0.0
+            for q in range(group):
+                j = lane + q * span
+                n, mean, m2 = _chan(n, mean, m2, shn[j], shm[j], shq[j])
+            s = p * inner + col % inner
+            means[col // inner, s] = mean
+            m2s[col // inner, s] = m2
+
+
+@cuda.jit
+def merge_moments(means, m2s, stride, size, total, lanes, mean_out, var_out):
+    """Merge the partial states of channel ``blockIdx.x`` in a fixed order.
+
+    State ``s`` counts ``min(size, total - j * size)`` elements, where
+    ``j = (s // stride) % ceil(total / size)``. Writes the mean and the biased
+    variance.
+    """
+    shn = cuda.shared.array(MAX_LANES, float64)
+    shm = cuda.shared.array(MAX_LANES, float64)
+    shq = cuda.shared.array(MAX_LANES, float64)
+    tid = cuda.threadIdx.x
+    tpb = cuda.blockDim.x
+    c = cuda.blockIdx.x
+    n_states = means.shape[1]
+    blocks = (total + size - 1) // size
+    for lane in range(tid, lanes, tpb):
+        n, mean, m2 = 0.0, 0.0, 0.0
+        for s in range(lane, n_states, lanes):
+            count = float64(min(size, total - ((s // stride) % blocks) * size))
+            n, mean, m2 = _chan(n, mean, m2, count, means[c, s], m2s[c, s])
+        shn[lane] = n
+        shm[lane] = mean
+        shq[lane] = m2
+    _tree_chan(shn, shm, shq, lanes)
+    if tid == 0:
+        mean_out[c] = shm[0]
+        var_out[c] = shq[0] / shn[0]
+
+
+@cuda.jit
+def plane_grad_sums(x, dy, mean, chunk, lanes, s_dy, s_dyx):
+    """Sums of ``dy`` and ``dy * (x - mean[c])`` per chunk of (N, C, M)."""
+    sa = cuda.shared.array(MAX_LANES, float64)
+    sb = cuda.shared.array(MAX_LANES, float64)
+    tid = cuda.threadIdx.x
+    tpb = cuda.blockDim.x
+    n, c, lo, hi = _plane_block(x, chunk)
+    mu = float64(mean[c])
+    for lane in range(tid, lanes, tpb):
+        a = 0.0
+        b = 0.0
+        for i in range(lo + lane, hi, lanes):
+            g = float64(dy[n, c, i])
+            a += g
+            b += g * (float64(x[n, c, i]) - mu)
+        sa[lane] = a
+        sb[lane] = b
+    _tree_sum2(sa, sb, lanes)
+    if tid == 0:
+        s = n * ((x.shape[2] + chunk - 1) // chunk) + lo // chunk
+        s_dy[c, s] = sa[0]
+        s_dyx[c, s] = sb[0]
+
+
+@cuda.jit
+def row_grad_sums(x, dy, mean, rows_per_chunk, inner, lanes, s_dy, s_dyx):
+    """Sums of ``dy`` and ``dy * (x - mean)`` per column and chunk of rows."""
+    sa = cuda.shared.array(MAX_LANES, float64)
+    sb = cuda.shared.array(MAX_LANES, float64)
+    tid = cuda.threadIdx.x
+    tpb = cuda.blockDim.x
+    width = x.shape[1]
+    p, r0, r1, col0, span, group = _row_block(x, rows_per_chunk, lanes)
+    for lane in range(tid, lanes, tpb):
+        col = col0 + lane % span
+        off = lane // span
+        a = 0.0
+        b = 0.0
+        if col < width and off < group:
+            mu = float64(mean[col // inner])
+            for r in range(r0 + off, r1, group):
+                g = float64(dy[r, col])
+                a += g
+                b += g * (float64(x[r, col]) - mu)
+        sa[lane] = a
+        sb[lane] = b
+    cuda.syncthreads()
+    for lane in range(tid, span, tpb):
+        col = col0 + lane
+        if col < width:
+            s = p * inner + col % inner
+            s_dy[col // inner, s] = _fold_group(sa, lane, span, group)
+            s_dyx[col // inner, s] = _fold_group(sb, lane, span, group)
+
+
+@cuda.jit
+def merge_sums(a, b, lanes, a_out, b_out):
+    """Sum the partial sums ``a[c, :]`` and ``b[c, :]`` of channel ``blockIdx.x``."""
+    sa = cuda.shared.array(MAX_LANES, float64)
+    sb = cuda.shared.array(MAX_LANES, float64)
+    tid = cuda.threadIdx.x
+    tpb = cuda.blockDim.x
+    c = cuda.blockIdx.x
+    for lane in range(tid, lanes, tpb):
+        u = 0.0
+        v = 0.0
+        for s in range(lane, a.shape[1], lanes):
+            u += a[c, s]
+            v += b[c, s]
+        sa[lane] = u
+        sb[lane] = v
+    _tree_sum2(sa, sb, lanes)
+    if tid == 0:
+        a_out[c] = sa[0]
+        b_out[c] = sb[0]
+
+
+@cuda.jit
+def plane_affine(x, mean, scale, shift, chunk, out):
+    """``out = (x - mean[c]) * scale[c] + shift[c]`` for ``x`` (N, C, M)."""
+    n, c, lo, hi = _plane_block(x, chunk)
+    mu, a, b = float64(mean[c]), float64(scale[c]), float64(shift[c])
+    for i in range(lo + cuda.threadIdx.x, hi, cuda.blockDim.x):
+        out[n, c, i] = (float64(x[n, c, i]) - mu) * a + b
+
+
+@cuda.jit
+def row_affine(x, mean, scale, shift, rows_per_chunk, inner, lanes, out):
+    """``out = (x - mean) * scale + shift`` per column of ``x`` (R, W)."""
+    width = x.shape[1]
+    p, r0, r1, col0, span, group = _row_block(x, rows_per_chunk, lanes)
+    for lane in range(cuda.threadIdx.x, lanes, cuda.blockDim.x):
+        col = col0 + lane % span
+        off = lane // span
+        if col < width and off < group:
+            c = col // inner
+            mu, a, b = float64(mean[c]), float64(scale[c]), float64(shift[c])
+            for r in range(r0 + off, r1, group):
+                out[r, col] = (float64(x[r, col]) - mu) * a + b
+
+
+@cuda.jit
+def plane_grad_input(dy, x, a, b, c, mean, chunk, out):
+    """``out = dy * a + (x - mean) * b + c`` per channel for (N, C, M) arrays."""
+    n, ch, lo, hi = _plane_block(x, chunk)
+    ka, kb, kc, mu = float64(a[ch]), float64(b[ch]), float64(c[ch]), float64(mean[ch])
+    for i in range(lo + cuda.threadIdx.x, hi, cuda.blockDim.x):
+        out[n, ch, i] = float64(dy[n, ch, i]) * ka + (float64(x[n, ch, i]) - mu) * kb + kc
+
+
+@cuda.jit
+def row_grad_input(dy, x, a, b, c, mean, rows_per_chunk, inner, lanes, out):
+    """``out = dy * a + (x - mean) * b + c`` per column of (R, W) arrays."""
+    width = x.shape[1]
+    p, r0, r1, col0, span, group = _row_block(x, rows_per_chunk, lanes)
+    for lane in range(cuda.threadIdx.x, lanes, cuda.blockDim.x):
+        col = col0 + lane % span
+        off = lane // span
+        if col < width and off < group:
+            ch = col // inner
+            ka, kb, kc, mu = float64(a[ch]), float64(b[ch]), float64(c[ch]), float64(mean[ch])
+            for r in range(r0 + off, r1, group):
+                out[r, col] = float64(dy[r, col]) * ka + (float64(x[r, col]) - mu) * kb + kc
+
+
+@cuda.jit
+def coefficients(mean, var, weight, bias, has_weight, has_bias, eps,
+                 mean_out, invstd, scale, shift):
+    """Per channel: float64 mean, ``1 / sqrt(var + eps)``, ``weight * invstd``
+    and the shift (``bias``, or 0)."""
+    c = cuda.grid(1)
+    if c < mean.shape[0]:
+        inv = 1.0 / math.sqrt(float64(var[c]) + eps)
+        mean_out[c] = mean[c]
+        invstd[c] = inv
+        scale[c] = float64(weight[c]) * inv if has_weight else inv
+        shift[c] = float64(bias[c]) if has_bias else 0.0
+
+
+@cuda.jit
+def update_running(running_mean, running_var, mean, var, correction, factor, lanes, ok):
+    """One block: if every ``mean`` and ``var`` is finite, move the running
+    statistics towards them (the variance times ``correction``), in place.
+    ``ok[0]`` says whether they were updated."""
+    flags = cuda.shared.array(MAX_LANES, int32)
+    tid = cuda.threadIdx.x
+    tpb = cuda.blockDim.x
+    channels = mean.shape[0]
+    for lane in range(tid, lanes, tpb):
+        f = 1
+        for c in range(lane, channels, lanes):
+            if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
+                f = 0
+        flags[lane] = f
+    cuda.syncthreads()
+    good = 1
+    for lane in range(lanes):
+        good = min(good, flags[lane])
+    if good == 1:
+        for c in range(tid, channels, tpb):
+            running_mean[c] = (1.0 - factor) * float64(running_mean[c]) + factor * mean[c]
+            running_var[c] = ((1.0 - factor) * float64(running_var[c])
+                              + factor * (var[c] * correction))
+    if tid == 0:
+        ok[0] = good
+
+
+@cuda.jit
+def backward_coefficients(s_dy, s_dyx, invstd, weight, has_weight, count, training,
+                          a, b, c, dweight, dbias):
+    """Per channel: ``dx = dy * a + (x - mean) * b + c`` coefficients and the
+    parameter gradients (in the dtype of ``dweight``)."""
+    ch = cuda.grid(1)
+    if ch < invstd.shape[0]:
+        inv = float64(invstd[ch])
+        dw = s_dyx[ch] * inv
+        k = float64(weight[ch]) * inv if has_weight else inv
+        a[ch] = k
+        if training:
+            b[ch] = -k * inv * dw / count
+            c[ch] = -k * s_dy[ch] / count
+        else:
+            b[ch] = 0.0
+            c[ch] = 0.0
+        dweight[ch] = dw
+        dbias[ch] = s_dy[ch]
+
+
+@cuda.jit
+def cast(src, dst):
+    """``dst[i] = src[i]`` for 1-D arrays (dtype conversion on the device)."""
+    i = cuda.grid(1)
+    if i < src.shape[0]:
+        dst[i] = src[i]

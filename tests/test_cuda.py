@@ -1,0 +1,330 @@
+"""The GPU path (nbbn._cuda, nbbn.cuda_kernels) against the CPU path and the
+float64 reference.
+
+These tests need numba.cuda on a GPU or on numba's CUDA simulator, which must
+be switched on (NUMBA_ENABLE_CUDASIM=1) before numba is imported. So: with the
+variable set, or on a machine with a GPU, they run here; otherwise
+``test_simulator_run`` runs this file again in a subprocess with the variable
+set, and the tests skip here. A plain ``python -m pytest`` thus always runs
+them. Launch constants are patched small so that the simulator (one Python
+thread per CUDA thread) stays fast and every merge path is exercised.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import naive
+import nbbn
+from conftest import ATOL, DTYPES, RTOL, SHAPES, random_input
+from nbbn import _cuda
+from nbbn.functional import batch_norm_backward, forward
+
+REPO = Path(__file__).resolve().parents[1]
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def _gpu_present():
+    if SIMULATOR:
+        return False
+    from numba import cuda
+    return cuda.is_available()
+
+
+GPU = _gpu_present()
+here = pytest.mark.skipif(not (SIMULATOR or GPU), reason="runs in test_simulator_run's subprocess")
+#: SHAPES plus the rows-layout corners of the small launch below: narrow rows
+#: shared by several lanes, one column, channels of several columns.
+GPU_SHAPES = SHAPES + [((10, 2), 1), ((9, 3, 3), 1), ((7, 1), -1)]
+
+
+@pytest.fixture(autouse=True)
+def small_launch(monkeypatch):
+    monkeypatch.setattr(_cuda, "THREADS_PER_BLOCK", 2)
+    monkeypatch.setattr(_cuda, "LANES", 4)
+    monkeypatch.setattr(_cuda, "ELEMENTS_PER_LANE", 4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_switching():
+    # The simulator's threads meet at every syncthreads through the GIL.
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+def host(a):
+    return a.copy_to_host() if _cuda.is_device_array(a) else a
+
+
+def assert_close(actual, expected, dtype):
+    np.testing.assert_allclose(host(actual), expected, rtol=RTOL[dtype], atol=ATOL[dtype])
+
+
+def run(code, env):
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.skipif(SIMULATOR or GPU, reason="the tests run in this process")
+def test_simulator_run():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(Path(__file__).relative_to(REPO))],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    tail = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, tail
+    assert " passed" in result.stdout and " failed" not in result.stdout, tail
+
+
+def test_import_nbbn_does_not_import_numba_cuda():
+    result = run("import sys, nbbn; nbbn.BatchNorm(3)(__import__('numpy').ones((2, 3)));"
+                 "assert 'numba.cuda' not in sys.modules, 'imported'", dict(os.environ))
+    assert result.returncode == 0, result.stderr
+
+
+def test_cuda_without_gpu_or_simulator_is_a_runtime_error():
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    result = run("import numba.cuda, nbbn, pytest\n"
+                 "if numba.cuda.is_available(): raise SystemExit(3)\n"
+                 "with pytest.raises(RuntimeError, match='NUMBA_ENABLE_CUDASIM'):\n"
+                 "    nbbn.BatchNorm(3, device='cuda')\n"
+                 "bn = nbbn.BatchNorm(3)\n"
+                 "with pytest.raises(RuntimeError, match='no CUDA GPU'):\n"
+                 "    bn.to('cuda')\n"
+                 "assert bn.device == 'cpu' and type(bn.gamma).__name__ == 'ndarray'\n", env)
+    if result.returncode == 3:
+        pytest.skip("a GPU is present")
+    assert result.returncode == 0, result.stderr
+
+
+def test_device_names():
+    with pytest.raises(ValueError, match="'cpu' or 'cuda', got 'gpu'"):
+        nbbn.BatchNorm(3, device="gpu")
+    assert nbbn.BatchNorm(3).to("cpu").device == "cpu"
+
+
+def parameters(rng, c, dtype):
+    return (rng.uniform(0.5, 2, c), rng.standard_normal(c),
+            rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype))
+
+
+@here
+@pytest.mark.parametrize("shape,axis", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_and_backward_match_cpu(rng, shape, axis, dtype, training):
+    c = shape[axis]
+    x, dy = random_input(rng, shape, dtype), random_input(rng, shape, dtype, 0.0, 1.0)
+    w, b, rm, rv = parameters(rng, c, dtype)
+    rm_cpu, rv_cpu, x0 = rm.copy(), rv.copy(), x.copy()
+    ref = naive.batch_norm(x, rm, rv, w, b, training, 0.3, 1e-3, axis=axis)
+    y, mean, invstd, updated = _cuda.forward(x, rm, rv, w, b, training, 0.3, 1e-3, axis=axis)
+    y_cpu, mean_cpu, invstd_cpu, _ = forward(x, rm_cpu, rv_cpu, w, b, training, 0.3, 1e-3,
+                                             axis=axis)
+    assert _cuda.is_device_array(y) and y.shape == shape and y.dtype == dtype
+    assert updated == training
+    np.testing.assert_array_equal(x, x0)
+    for gpu, cpu, expected in ((y, y_cpu, ref[0]), (mean, mean_cpu, ref[3]),
+                               (invstd, invstd_cpu, ref[4])):
+        assert_close(gpu, cpu, dtype)
+        assert_close(gpu, expected, dtype)
+    assert_close(rm, rm_cpu, dtype)
+    assert_close(rv, rv_cpu, dtype)
+    dx, dw, db = _cuda.backward(dy, x, mean, invstd, w, training, axis=axis)
+    dx_cpu, dw_cpu, db_cpu = batch_norm_backward(dy, x, mean_cpu, invstd_cpu, w, training,
+                                                 axis=axis)
+    ref_dx, ref_dw, ref_db = naive.batch_norm_backward(dy, x, ref[3], ref[4], w, training, axis)
+    assert dx.dtype == dw.dtype == db.dtype == dtype
+    for gpu, cpu, expected in ((dx, dx_cpu, ref_dx), (dw, dw_cpu, ref_dw), (db, db_cpu, ref_db)):
+        assert_close(gpu, cpu, dtype)
+        np.testing.assert_allclose(host(gpu), expected, rtol=10 * RTOL[dtype],
+                                   atol=10 * ATOL[dtype] * np.abs(expected).max())
+
+
+@here
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape,axis", [((6, 3, 5, 4), 1), ((8, 5), -1)])
+def test_layer_matches_cpu_over_steps(rng, shape, axis, momentum):
+    cpu = nbbn.BatchNorm(shape[axis], momentum=momentum, axis=axis)
+    gpu = nbbn.BatchNorm(shape[axis], momentum=momentum, axis=axis, device="cuda")
+    assert repr(gpu).endswith(", device='cuda')")
+    for step in range(3):
+        x = random_input(rng, shape, np.float32, loc=step)
+        dy = random_input(rng, shape, np.float32, 0.0, 1.0)
+        assert_close(gpu(x), cpu(x), np.float32)
+        assert_close(gpu.backward(dy), cpu.backward(dy), np.float32)
+        assert_close(gpu.grad_gamma, cpu.grad_gamma, np.float32)
+        assert_close(gpu.grad_beta, cpu.grad_beta, np.float32)
+        state, state_cpu = gpu.state_dict(), cpu.state_dict()
+        assert all(type(v) is np.ndarray for v in state.values())
+        for k in state:
+            assert state[k].dtype == state_cpu[k].dtype
+            assert_close(state[k], state_cpu[k], np.float32)
+    gpu.eval(), cpu.eval()
+    x = random_input(rng, shape, np.float32)
+    assert_close(gpu(x), cpu(x), np.float32)
+    assert_close(gpu.backward(x), cpu.backward(x), np.float32)
+
+
+@here
+def test_to_moves_the_state_and_back(rng):
+    bn = nbbn.BatchNorm(4, dtype=np.float64)
+    bn(random_input(rng, (5, 4), np.float64))
+    state = bn.state_dict()
+    assert bn.to("cuda") is bn and bn.device == "cuda"
+    assert all(_cuda.is_device_array(getattr(bn, k))
+               for k in ("gamma", "beta", "running_mean", "running_var"))
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, state[k])
+    bn.load_state_dict({k: v + 1 for k, v in state.items()})
+    assert _cuda.is_device_array(bn.running_mean) and bn.num_batches_tracked == 2
+    assert bn.to("cpu") is bn and type(bn.running_mean) is np.ndarray
+    np.testing.assert_array_equal(bn.running_var, state["running_var"] + 1)
+    with pytest.raises(NotImplementedError, match="BatchRenorm"):
+        nbbn.BatchRenorm(4).to("cuda")
+    with pytest.raises(NotImplementedError, match="virtual_batch_size"):
+        nbbn.BatchNorm(4, virtual_batch_size=2, device="cuda")(np.ones((4, 4), np.float32))
+
+
+@here
+def test_device_arrays_in_functional_api(rng):
+    from numba import cuda
+    x = random_input(rng, (6, 3, 4), np.float64)
+    rm, rv = np.zeros(3), np.ones(3)
+    rm_d, rv_d, x_d = cuda.to_device(rm), cuda.to_device(rv), cuda.to_device(x)
+    y = nbbn.batch_norm(x_d, rm_d, rv_d, cuda.to_device(np.full(3, 2.0)), None, training=True)
+    ref = naive.batch_norm(x, rm, rv, np.full(3, 2.0), None, True, axis=1)
+    assert_close(y, ref[0], np.float64)
+    assert_close(rm_d, ref[1], np.float64)
+    assert_close(rv_d, ref[2], np.float64)
+    nbbn.batch_norm(x_d, rm, rv, training=True)  # NumPy statistics: updated in place too
+    assert_close(rm, ref[1], np.float64)
+    out = cuda.device_array_like(x_d)
+    y, mean, invstd = nbbn.functional.native_batch_norm(x_d, rm_d, rv_d, None, None, False,
+                                                        0.1, 1e-5, out=out)
+    assert _cuda.shares_memory(y, out)
+    dx, _, _ = batch_norm_backward(x, x_d, mean, invstd, training=False, out=cuda.device_array_like(x_d))
+    assert_close(dx, x * host(invstd)[:, None], np.float64)
+
+
+@here
+def test_non_finite_batch_skips_the_running_update(rng):
+    x = random_input(rng, (4, 3, 5), np.float32)
+    x[1, 2, 3] = np.nan
+    gpu, cpu = nbbn.BatchNorm(3, device="cuda"), nbbn.BatchNorm(3)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        y = host(gpu(x))
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        y_cpu = cpu(x)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(y_cpu))
+    assert gpu.num_batches_tracked == 0
+    for k, v in gpu.state_dict().items():
+        np.testing.assert_array_equal(v, cpu.state_dict()[k])
+
+
+@here
+def test_bad_input_changes_nothing(rng):
+    from numba import cuda
+    bn = nbbn.BatchNorm(3, device="cuda")
+    state = bn.state_dict()
+    x = random_input(rng, (4, 3, 5), np.float32)
+    cases = [
+        (TypeError, "dtype float32 or float64, got int64", np.ones((4, 3), np.int64), {}),
+        (ValueError, "expected 3 channels on axis 1, got 4", np.ones((2, 4), np.float32), {}),
+        (ValueError, "more than 1 value per channel", np.ones((1, 3), np.float32), {}),
+        (ValueError, "out must have shape", x, {"out": cuda.device_array((4, 3), np.float32)}),
+        (TypeError, "out must have dtype float32", x, {"out": cuda.device_array(x.shape)}),
+        (TypeError, "out must be a device array", x, {"out": np.empty_like(x)}),
+        (ValueError, "C-contiguous on the device", cuda.to_device(np.ones((3, 4), np.float32)).T,
+         {}),
+    ]
+    for error, match, bad, kwargs in cases:
+        with pytest.raises(error, match=match):
+            bn(bad, **kwargs)
+        for k, v in bn.state_dict().items():
+            np.testing.assert_array_equal(v, state[k])
+    with pytest.raises(TypeError, match="layer is on the CPU"):
+        nbbn.BatchNorm(3)(cuda.to_device(x))
+    x_d = cuda.to_device(x)
+    with pytest.raises(ValueError, match="axis must be 1"):
+        nbbn.batch_norm(x_d, axis=2, training=True)
+    with pytest.raises(ValueError, match="required when training=False"):
+        nbbn.batch_norm(x_d)
+    with pytest.raises(ValueError, match="momentum"):
+        nbbn.batch_norm(x_d, bn.running_mean, bn.running_var, training=True, momentum=2.0)
+    with pytest.raises(ValueError, match=r"running_var must have shape \(3,\)"):
+        nbbn.batch_norm(x_d, bn.running_mean, np.ones(4, np.float32), training=True)
+    with pytest.raises(ValueError, match="dy must have shape"):
+        batch_norm_backward(np.ones((4, 3), np.float32), x_d, np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        nbbn.batch_norm(x_d, weight=cuda.to_device(np.ones(2)), training=True)
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, state[k])
+
+
+@here
+@pytest.mark.parametrize("shape,axis", [((3, 2, 37), 1), ((13, 3), -1), ((9, 3, 3), 1)])
+def test_results_do_not_depend_on_threads_per_block(rng, monkeypatch, shape, axis):
+    x, dy = random_input(rng, shape, np.float64), random_input(rng, shape, np.float64)
+    results = []
+    for tpb in (1, 2, 4):
+        monkeypatch.setattr(_cuda, "THREADS_PER_BLOCK", tpb)
+        y, mean, invstd, _ = _cuda.forward(x, None, None, None, None, True, 0.1, 1e-5, axis=axis)
+        dx, dw, db = _cuda.backward(dy, x, mean, invstd, None, True, axis=axis)
+        results.append([host(a) for a in (y, mean, invstd, dx, dw, db)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+@here
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numerical_traps(rng, dtype):
+    x = np.full((4, 2, 9), 1e7, dtype)
+    x[:, 1] = random_input(rng, (4, 9), dtype, 1e4, 1e-2)  # large offset, small spread
+    y, mean, invstd, _ = _cuda.forward(x, None, None, None, None, True, 0.1, 1e-5, axis=1)
+    y = host(y)
+    assert (y[:, 0] == 0).all()  # a constant channel: exactly 0 (torch issue 5410)
+    ref = naive.batch_norm(x, training=True)
+    # variance condition number ~1e12: float64 references agree to ~1e-11 only
+    np.testing.assert_allclose(host(invstd), ref[4], rtol=max(RTOL[dtype], 1e-10))
+    np.testing.assert_allclose(y[:, 1], ref[0][:, 1], rtol=1e-3, atol=1e-3)
+
+
+@here
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(2, 5), c=st.integers(1, 4), inner=st.integers(1, 9),
+       channels_last=st.booleans(), double=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_shapes_match_cpu(n, c, inner, channels_last, double, seed):
+    rng = np.random.default_rng(seed)
+    dtype = np.float64 if double else np.float32
+    shape, axis = ((n, inner, c), -1) if channels_last else ((n, c, inner), 1)
+    x, dy = random_input(rng, shape, dtype), random_input(rng, shape, dtype)
+    y, mean, invstd, _ = _cuda.forward(x, None, None, None, None, True, 0.1, 1e-5, axis=axis)
+    y_cpu, mean_cpu, invstd_cpu, _ = forward(x, None, None, None, None, True, 0.1, 1e-5,
+                                             axis=axis)
+    assert_close(y, y_cpu, dtype)
+    dx = _cuda.backward(dy, x, mean, invstd, None, True, axis=axis)[0]
+    assert_close(dx, batch_norm_backward(dy, x, mean_cpu, invstd_cpu, axis=axis)[0], dtype)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_torch_cuda_tensors():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    x = torch.randn(8, 4, 6, 6, device="cuda")
+    w, b = torch.rand(4, device="cuda") + 0.5, torch.randn(4, device="cuda")
+    rm, rv = torch.zeros(4, device="cuda"), torch.ones(4, device="cuda")
+    rm_t, rv_t = rm.clone(), rv.clone()
+    y = nbbn.batch_norm(x, rm, rv, w, b, training=True)
+    y_t = torch.nn.functional.batch_norm(x, rm_t, rv_t, w, b, training=True)
+    np.testing.assert_allclose(y.copy_to_host(), y_t.cpu().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rv.cpu().numpy(), rv_t.cpu().numpy(), rtol=1e-5, atol=1e-6)
