@@ -167,8 +167,9 @@ def _run(data, lrs, steps, batch_size, hidden, seed, eval_every, log):
 
 def format_table(results, target=TARGET):
     """The results as a Markdown table (readable in a terminal too)."""
-    lines = [f"| model | learning rate | final test accuracy | steps to {target:.0%} test accuracy |"
-             " final train loss |", "|---|---|---|---|---|"]
+    lines = [f"| model | learning rate | final test accuracy | best test accuracy (step) |"
+             f" steps to {target:.0%} test accuracy | train loss, last 20 steps |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         name = "MLP + BatchNorm" if r["batch_norm"] else "MLP"
         if r["diverged_at"] is not None:
@@ -176,8 +177,12 @@ def format_table(results, target=TARGET):
         else:
             acc = f"{r['final_acc']:.3f}"
             loss = f"{np.mean(r['loss'][-20:]):.3f}"
+        best = "-"
+        if r["test_acc"]:
+            i = int(np.argmax(r["test_acc"]))
+            best = f"{r['test_acc'][i]:.3f} ({r['eval_steps'][i]})"
         reached = "never" if r["steps_to_target"] is None else str(r["steps_to_target"])
-        lines.append(f"| {name} | {r['lr']:g} | {acc} | {reached} | {loss} |")
+        lines.append(f"| {name} | {r['lr']:g} | {acc} | {best} | {reached} | {loss} |")
     return "\n".join(lines)
 
 

@@ -202,7 +202,10 @@ def test_demo_table_marks_divergence():
     row = {"batch_norm": False, "lr": 9.0, "loss": [2.3, float("nan")], "eval_steps": [],
            "test_acc": [], "final_acc": float("nan"), "steps_to_target": None,
            "diverged_at": 2, "seconds": 0.1}
-    assert "| MLP | 9 | diverged (step 2) | never | nan |" in demo.format_table([row])
+    assert "| MLP | 9 | diverged (step 2) | - | never | nan |" in demo.format_table([row])
+    row.update(diverged_at=None, final_acc=0.5, eval_steps=[5, 10], test_acc=[0.75, 0.5],
+               loss=[2.0, 1.0])
+    assert "| MLP | 9 | 0.500 | 0.750 (5) | never | 1.500 |" in demo.format_table([row])
 
 
 def test_demo_rejects_bad_options():
