@@ -6,9 +6,14 @@ folder (``img``, which passes that check) and this hook, once the config is vali
 points ``docs_dir`` at docs/ itself; ``exclude_docs`` in mkdocs.yml keeps this file and
 the config out of the site, and ``site_dir`` lies outside docs/. It also roots the
 snippets extension (``--8<-- "nbbn/example.py"``) at the repository, whatever the working
-directory.
+directory. And it renders the Sphinx roles of the numpydoc docstrings
+(``:meth:`forward```, ``:class:`~nbbn.BatchNorm```) as plain code, which mkdocstrings
+would otherwise print literally.
 """
 import os
+import re
+
+_SPHINX_ROLE = re.compile(r":(?:py:)?(?:meth|func|class|mod|attr|obj|data|exc):<code>~?")
 
 
 def on_config(config):
@@ -17,3 +22,7 @@ def on_config(config):
     config["mdx_configs"].setdefault("pymdownx.snippets", {})["base_path"] = [
         os.path.dirname(docs)]
     return config
+
+
+def on_page_content(html, **kwargs):
+    return _SPHINX_ROLE.sub("<code>", html)

@@ -36,6 +36,7 @@ def test_mkdocs_build_strict(tmp_path):
     for name in ("nbbn.BatchNorm", "nbbn.batch_norm", "nbbn.functional.batch_norm_backward",
                  "nbbn.mlp.MLP"):
         assert f'id="{name}"' in api, name
+    assert ":meth:" not in api and ":class:" not in api   # Sphinx roles rendered as code
     started = (site / "getting-started" / "index.html").read_text(encoding="utf-8")
     assert "heading for 2 and 1" in started  # nbbn/example.py, pulled in by the snippet
     assert not (site / "mkdocs.yml").exists() and not (site / "hooks.py").exists()
