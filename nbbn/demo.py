@@ -238,6 +238,11 @@ def main(args):
         raise SystemExit(f"demo: expected --steps >= 1, --batch-size >= 2, --eval-every >= 1 "
                          f"and --lr > 0, got {args.steps}, {args.batch_size}, "
                          f"{args.eval_every}, {args.lr}")
+    import importlib.util
+    needed = ["sklearn"] + (["matplotlib"] if args.plot else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"demo: {' and '.join(missing)} not installed: pip install 'nbbn[demo]'")
     results, timing = run(lrs=tuple(args.lr), steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed, eval_every=args.eval_every)
     print()

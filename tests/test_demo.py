@@ -222,3 +222,15 @@ def test_demo_command_line(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "| MLP + BatchNorm | 0.1 |" in done.stdout and "numba warm-up" in done.stdout
+
+
+def test_demo_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from nbbn import demo
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("sklearn", "matplotlib") else real(name, *a))
+    args = demo.add_arguments(argparse.ArgumentParser()).parse_args(["--plot", "x.png"])
+    with pytest.raises(SystemExit, match=r"sklearn and matplotlib not installed: pip install 'nbbn\[demo\]'"):
+        demo.main(args)
