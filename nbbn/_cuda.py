@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _validation as check
 
-#: Threads of every block; a power of two.
+#: Threads of every block (results do not depend on it).
 THREADS_PER_BLOCK = 256
 #: Logical lanes of a block's reduction; a power of two, at most
 #: ``cuda_kernels.MAX_LANES``. Each thread plays ``LANES / THREADS_PER_BLOCK`` lanes.
@@ -356,3 +356,5 @@ def backward(dy, x, mean, invstd, weight=None, training=True, *, axis=1, out=Non
     else:
         affine(dy, plan, b, a, b, out)  # b is 0 here: out = dy * a
     return out, dweight, dbias
+
+

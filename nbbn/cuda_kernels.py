@@ -1,30 +1,24 @@
 """Numba CUDA kernels for batch normalization: the GPU twins of
 ``nbbn.kernels``, loops and nothing else (launches live in ``nbbn._cuda``).
+Importing this module imports ``numba.cuda``; ``nbbn`` does so on first GPU use.
 
-Importing this module imports ``numba.cuda``; ``nbbn`` does so only on the
-first GPU call. Two views of an input, as on the CPU:
+Two views of an input, as on the CPU. planes: ``x`` as ``(N, C, M)``, one block
+per fixed chunk of an ``(n, c)`` plane. rows: ``x`` as ``(R, W)``, ``W = C * inner``
+columns, column ``j`` in channel ``j // inner``; one block per (column tile,
+chunk of rows), lanes own columns, and when ``W`` is narrower than a block
+``group = lanes // W`` lanes share a column, each taking every group-th row.
 
-* planes: ``x`` viewed as ``(N, C, M)``; one block per fixed chunk of an
-  ``(n, c)`` plane;
-* rows: ``x`` viewed as ``(R, W)`` with ``W = C * inner`` columns, the channel
-  of column ``j`` being ``j // inner``; one block per (column tile, chunk of
-  rows). A block's lanes own columns; when ``W`` is narrower than a block,
-  ``lanes // W`` lanes share a column, each taking every ``group``-th row.
-
-Every reduction runs over ``lanes`` logical lanes held in shared memory,
-whatever the number of threads (each thread plays lanes ``tid``,
-``tid + blockDim``, ...), and is folded by a fixed tree. For the statistics a
-lane takes two passes over its few elements (mean, then squared deviations,
-read again from cache) and lane states are merged with Chan's formula. Partial
-states are
-written per block and merged per channel in a fixed order (Chan's formula for
-(count, mean, M2)). No float atomics: results depend on the shape and on
-``lanes`` only, never on the threads per block or the device. Every value is
-converted to float64 as it is loaded (explicitly: the simulator computes in
-NumPy, where a float32 plus a Python float stays float32), and all arithmetic
-is in float64. The normalization is written ``(x - mean) * scale + shift`` so
-that a contracted multiply-add (the CUDA default) still gives exact zeros for
-a constant channel.
+Reductions run over ``lanes`` logical lanes in shared memory whatever the
+threads per block (thread ``t`` plays lanes ``t, t + blockDim, ...``) and fold
+by a fixed tree. For the statistics each lane takes two passes over its few
+elements (mean, then squared deviations, from cache); lane states, then the
+per-block partial states, are merged with Chan's formula in a fixed order. No
+float atomics: results depend on the shape and ``lanes`` only, never on the
+threads per block or the device. Values are converted to float64 as loaded
+(explicitly: the simulator runs NumPy, where float32 + Python float stays
+float32); all arithmetic is float64. The normalization is written
+``(x - mean) * scale + shift`` so that a contracted multiply-add (CUDA's
+default) still gives exactly 0 for a constant channel.
 """
 import math
 
@@ -35,14 +29,24 @@ MAX_LANES = 256
 
 
 @cuda.jit(device=True)
+def _min(a, b):
+    # Written out: numba 0.68's built-in CUDA target compiles min/max through
+    # an overload that needs a live GPU even for compile_ptx.
+    return a if a < b else b
+
+
+@cuda.jit(device=True)
+def _max(a, b):
+    return a if a > b else b
+
+
+@cuda.jit(device=True)
 def _tree_sum2(sa, sb, lanes):
     """Fold ``sa[:lanes]`` and ``sb[:lanes]`` into their lane 0, in a fixed order."""
-    tid = cuda.threadIdx.x
-    tpb = cuda.blockDim.x
     s = lanes // 2
     while s > 0:
         cuda.syncthreads()
-        for lane in range(tid, s, tpb):
+        for lane in range(cuda.threadIdx.x, s, cuda.blockDim.x):
             sa[lane] += sa[lane + s]
             sb[lane] += sb[lane + s]
         s //= 2
@@ -69,20 +73,20 @@ def _plane_block(x, chunk):
     t = cuda.blockIdx.x
     k = t % k_chunks
     lo = k * chunk
-    return t // (channels * k_chunks), (t // k_chunks) % channels, lo, min(lo + chunk, m)
+    return t // (channels * k_chunks), (t // k_chunks) % channels, lo, _min(lo + chunk, m)
 
 
 @cuda.jit(device=True)
 def _row_block(x, rows_per_chunk, lanes):
     """(p, r0, r1, first column, span, group) of this block of an (R, W) view."""
     n_rows, width = x.shape
-    span = min(width, lanes)
+    span = _min(width, lanes)
     tiles = (width + span - 1) // span
     b = cuda.blockIdx.x
     p = b // tiles
     r0 = p * rows_per_chunk
-    group = max(1, lanes // width)
-    return p, r0, min(r0 + rows_per_chunk, n_rows), (b % tiles) * span, span, group
+    group = _max(1, lanes // width)
+    return p, r0, _min(r0 + rows_per_chunk, n_rows), (b % tiles) * span, span, group
 
 
 @cuda.jit(device=True)
@@ -98,17 +102,12 @@ def _fold_group(sh, lane, span, group):
 def _tree_chan(shn, shm, shq, lanes):
     """Merge the (count, mean, M2) states of ``lanes`` lanes into lane 0, in a
     fixed order."""
-    tid = cuda.threadIdx.x
-    tpb = cuda.blockDim.x
     h = lanes // 2
     while h > 0:
         cuda.syncthreads()
-        for lane in range(tid, h, tpb):
-            n, mean, m2 = _chan(shn[lane], shm[lane], shq[lane],
-                                shn[lane + h], shm[lane + h], shq[lane + h])
-            shn[lane] = n
-            shm[lane] = mean
-            shq[lane] = m2
+        for lane in range(cuda.threadIdx.x, h, cuda.blockDim.x):
+            shn[lane], shm[lane], shq[lane] = _chan(shn[lane], shm[lane], shq[lane],
+                                                    shn[lane + h], shm[lane + h], shq[lane + h])
         h //= 2
     cuda.syncthreads()
 
@@ -126,7 +125,7 @@ def plane_moments(x, chunk, lanes, means, m2s):
     tpb = cuda.blockDim.x
     n, c, lo, hi = _plane_block(x, chunk)
     for lane in range(tid, lanes, tpb):
-        count = max(0, (hi - lo - lane + lanes - 1) // lanes)
+        count = _max(0, (hi - lo - lane + lanes - 1) // lanes)
         acc = 0.0
         for i in range(lo + lane, hi, lanes):
             acc += float64(x[n, c, i])
@@ -135,9 +134,7 @@ def plane_moments(x, chunk, lanes, means, m2s):
         for i in range(lo + lane, hi, lanes):
             d = float64(x[n, c, i]) - mean
             acc += d * d
-        shn[lane] = count
-        shm[lane] = mean
-        shq[lane] = acc
+        shn[lane], shm[lane], shq[lane] = count, mean, acc
     _tree_chan(shn, shm, shq, lanes)
     if tid == 0:
         s = n * ((x.shape[2] + chunk - 1) // chunk) + lo // chunk
@@ -159,11 +156,9 @@ def row_moments(x, rows_per_chunk, inner, lanes, means, m2s):
     for lane in range(tid, lanes, tpb):
         col = col0 + lane % span
         off = lane // span
-        count = 0
-        mean = 0.0
-        acc = 0.0
+        count, mean, acc = 0, 0.0, 0.0
         if col < width and off < group:
-            count = max(0, (r1 - r0 - off + group - 1) // group)
+            count = _max(0, (r1 - r0 - off + group - 1) // group)
             for r in range(r0 + off, r1, group):
                 acc += float64(x[r, col])
             mean = acc / count if count > 0 else 0.0
@@ -171,9 +166,7 @@ def row_moments(x, rows_per_chunk, inner, lanes, means, m2s):
             for r in range(r0 + off, r1, group):
                 d = float64(x[r, col]) - mean
                 acc += d * d
-        shn[lane] = count
-        shm[lane] = mean
-        shq[lane] = acc
+        shn[lane], shm[lane], shq[lane] = count, mean, acc
     cuda.syncthreads()
     for lane in range(tid, span, tpb):
         col = col0 + lane
@@ -206,11 +199,9 @@ def merge_moments(means, m2s, stride, size, total, lanes, mean_out, var_out):
     for lane in range(tid, lanes, tpb):
         n, mean, m2 = 0.0, 0.0, 0.0
         for s in range(lane, n_states, lanes):
-            count = float64(min(size, total - ((s // stride) % blocks) * size))
+            count = float64(_min(size, total - ((s // stride) % blocks) * size))
             n, mean, m2 = _chan(n, mean, m2, count, means[c, s], m2s[c, s])
-        shn[lane] = n
-        shm[lane] = mean
-        shq[lane] = m2
+        shn[lane], shm[lane], shq[lane] = n, mean, m2
     _tree_chan(shn, shm, shq, lanes)
     if tid == 0:
         mean_out[c] = shm[0]
@@ -227,14 +218,12 @@ def plane_grad_sums(x, dy, mean, chunk, lanes, s_dy, s_dyx):
     n, c, lo, hi = _plane_block(x, chunk)
     mu = float64(mean[c])
     for lane in range(tid, lanes, tpb):
-        a = 0.0
-        b = 0.0
+        a, b = 0.0, 0.0
         for i in range(lo + lane, hi, lanes):
             g = float64(dy[n, c, i])
             a += g
             b += g * (float64(x[n, c, i]) - mu)
-        sa[lane] = a
-        sb[lane] = b
+        sa[lane], sb[lane] = a, b
     _tree_sum2(sa, sb, lanes)
     if tid == 0:
         s = n * ((x.shape[2] + chunk - 1) // chunk) + lo // chunk
@@ -254,16 +243,14 @@ def row_grad_sums(x, dy, mean, rows_per_chunk, inner, lanes, s_dy, s_dyx):
     for lane in range(tid, lanes, tpb):
         col = col0 + lane % span
         off = lane // span
-        a = 0.0
-        b = 0.0
+        a, b = 0.0, 0.0
         if col < width and off < group:
             mu = float64(mean[col // inner])
             for r in range(r0 + off, r1, group):
                 g = float64(dy[r, col])
                 a += g
                 b += g * (float64(x[r, col]) - mu)
-        sa[lane] = a
-        sb[lane] = b
+        sa[lane], sb[lane] = a, b
     cuda.syncthreads()
     for lane in range(tid, span, tpb):
         col = col0 + lane
@@ -282,13 +269,11 @@ def merge_sums(a, b, lanes, a_out, b_out):
     tpb = cuda.blockDim.x
     c = cuda.blockIdx.x
     for lane in range(tid, lanes, tpb):
-        u = 0.0
-        v = 0.0
+        u, v = 0.0, 0.0
         for s in range(lane, a.shape[1], lanes):
             u += a[c, s]
             v += b[c, s]
-        sa[lane] = u
-        sb[lane] = v
+        sa[lane], sb[lane] = u, v
     _tree_sum2(sa, sb, lanes)
     if tid == 0:
         a_out[c] = sa[0]
@@ -375,7 +360,7 @@ def update_running(running_mean, running_var, mean, var, correction, factor, lan
     cuda.syncthreads()
     good = 1
     for lane in range(lanes):
-        good = min(good, flags[lane])
+        good = _min(good, flags[lane])
     if good == 1:
         for c in range(tid, channels, tpb):
             running_mean[c] = (1.0 - factor) * float64(running_mean[c]) + factor * mean[c]
@@ -411,4 +396,13 @@ def cast(src, dst):
     """``dst[i] = src[i]`` for 1-D arrays (dtype conversion on the device)."""
     i = cuda.grid(1)
     if i < src.shape[0]:
+        dst[i] = src[i]
+
+
+@cuda.jit
+def copy(src, dst):
+    """``dst[:] = src`` for 1-D arrays: the memory-bandwidth yardstick of the
+    benchmark."""
+    start = cuda.grid(1)
+    for i in range(start, src.shape[0], cuda.gridsize(1)):
         dst[i] = src[i]

@@ -10,6 +10,7 @@ them. Launch constants are patched small so that the simulator (one Python
 thread per CUDA thread) stays fast and every merge path is exercised.
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,9 @@ def test_simulator_run():
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     tail = result.stdout[-6000:] + result.stderr[-2000:]
     assert result.returncode == 0, tail
-    assert " passed" in result.stdout and " failed" not in result.stdout, tail
+    passed = re.search(r"(\d+) passed", result.stdout)
+    assert passed and int(passed.group(1)) > 50 and " failed" not in result.stdout, tail
+    print(result.stdout.strip().splitlines()[-1])  # shown with -rA: what ran there
 
 
 def test_import_nbbn_does_not_import_numba_cuda():
@@ -328,3 +331,14 @@ def test_torch_cuda_tensors():
     y_t = torch.nn.functional.batch_norm(x, rm_t, rv_t, w, b, training=True)
     np.testing.assert_allclose(y.copy_to_host(), y_t.cpu().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rv.cpu().numpy(), rv_t.cpu().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@here
+@pytest.mark.filterwarnings("ignore:Simulator timings are bogus")
+def test_benchmark_runs(monkeypatch):
+    from nbbn._cuda_bench import benchmark
+    if SIMULATOR:
+        monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
+    res = benchmark((2, 3, 4, 4), repeat=1)
+    assert res["nbbn_forward"] >= 0 and (res["torch_forward"] is None or not SIMULATOR)
+    assert {"nbbn_backward", "copy_bandwidth", "forward_roofline", "backward_roofline"} <= set(res)
