@@ -1,14 +1,17 @@
 """Drive the CPU kernels: choose a layout for a shape, allocate partial
-states, merge them, and guard against a threading layer that is not
-thread-safe. Arrays reaching this module are already validated."""
+states, merge them, pick the parallel kernel or its serial twin, and guard
+against a threading layer that is not thread-safe. Arrays reaching this
+module are already validated.
+
+Numba is imported on the first kernel call, not with this module: ``import
+nbbn`` stays fast, and a process that only builds layers never pays for it.
+"""
+import functools
 import math
 import threading
 from typing import NamedTuple
 
-import numba
 import numpy as np
-
-from . import kernels
 
 #: Elements of one plane task (planes layout).
 PLANE_CHUNK = 1 << 15
@@ -19,6 +22,21 @@ MIN_ROWS = 16
 MIN_PLANE = 64
 #: Narrow rows are tiled up to this many columns so inner loops stay long.
 TILE_WIDTH = 1024
+#: Inputs of at most this many elements run the serial twins of the kernels
+#: (the same tasks in the same order, so the same bits): starting threads
+#: costs more than it saves there, and far more on a busy machine.
+SERIAL_MAX = 1 << 15
+
+_kernels = None
+
+
+def kernels():
+    """The :mod:`nbbn.kernels` module, imported (with numba) on first use."""
+    global _kernels
+    if _kernels is None:
+        from . import kernels as module
+        _kernels = module
+    return _kernels
 
 
 class Layout(NamedTuple):
@@ -39,7 +57,13 @@ class Layout(NamedTuple):
     def rows_per_chunk(self):
         return max(MIN_ROWS, ROW_CHUNK // self.view[1])
 
+    @property
+    def serial(self):
+        """Whether the kernels run in the calling thread only."""
+        return self.count * self.channels <= SERIAL_MAX
 
+
+@functools.lru_cache(maxsize=256)
 def layout_of(shape, axis):
     """The kernel layout of an array of ``shape`` with channels on ``axis``."""
     channels = shape[axis]
@@ -60,85 +84,95 @@ _lock = threading.Lock()
 _lock_needed = None  # unknown until the first parallel kernel has run
 
 
-def _run(kernel, *args):
-    """Call a parallel kernel; serialize calls under numba's workqueue layer,
-    which aborts the process when entered from two threads at once."""
+def _run(layout, name, *args):
+    """Call kernel ``name`` (its serial twin for a small ``layout``); serialize
+    parallel calls under numba's workqueue layer, which aborts the process
+    when entered from two threads at once."""
     global _lock_needed
+    k = kernels()
+    if layout.serial:
+        return getattr(k, name + "_serial")(*args)
+    kernel = getattr(k, name)
     if _lock_needed is False:
         return kernel(*args)
     with _lock:
         result = kernel(*args)
+        import numba
         _lock_needed = numba.threading_layer() == "workqueue"
     return result
 
 
-def _columns(values, layout):
-    """Per-channel values repeated for every column of a rows view."""
-    tiles = layout.view[1] // (layout.channels * layout.inner)
-    return np.tile(np.repeat(values, layout.inner), tiles)
-
-
+@functools.lru_cache(maxsize=256)
 def _chunk_counts(layout):
-    """Elements per channel in each partial state, in merge order."""
+    """Elements per channel in each partial state, in merge order (read-only)."""
     if layout.planes:
         n, _, m = layout.view
         sizes = np.full(-(-m // PLANE_CHUNK), PLANE_CHUNK, dtype=np.float64)
         sizes[-1] = m - PLANE_CHUNK * (sizes.size - 1)
-        return np.tile(sizes, n)
-    rows, rpc = layout.view[0], layout.rows_per_chunk
-    per_row = layout.view[1] // layout.channels
-    sizes = np.full(-(-rows // rpc), rpc * per_row, dtype=np.float64)
-    sizes[-1] = (rows - rpc * (sizes.size - 1)) * per_row
+        sizes = np.tile(sizes, n)
+    else:
+        rows, rpc = layout.view[0], layout.rows_per_chunk
+        per_row = layout.view[1] // layout.channels
+        sizes = np.full(-(-rows // rpc), rpc * per_row, dtype=np.float64)
+        sizes[-1] = (rows - rpc * (sizes.size - 1)) * per_row
+    sizes.flags.writeable = False
     return sizes
 
 
-def _partials(layout, counts):
-    shape = (counts.size, layout.channels)
-    return np.empty(shape), np.empty(shape)
+def merge_moments(counts, means, m2s):
+    """Merge partial ``(count, mean, M2)`` states in order (Chan): (mean, M2)."""
+    return kernels().merge_moments(counts, means, m2s)
+
+
+def update_running(running_mean, running_var, mean, unbiased_var, factor):
+    """``running = (1 - factor) * running + factor * batch``, in place."""
+    kernels().update_running(running_mean, running_var, mean, unbiased_var, factor)
 
 
 def moments(x, layout):
     """Per-channel mean and biased variance (float64) in one pass over ``x``."""
     v = x.reshape(layout.view)
-    counts = _chunk_counts(layout)
-    means, m2s = _partials(layout, counts)
     if layout.planes:
-        _run(kernels.plane_moments, v, PLANE_CHUNK, means, m2s)
-    else:
-        _run(kernels.row_moments, v, layout.rows_per_chunk, layout.channels,
-             layout.inner, means, m2s)
-    mean, m2 = kernels.merge_moments(counts, means, m2s)
-    return mean, m2 / layout.count
+        return _run(layout, "plane_moments", v, PLANE_CHUNK, _chunk_counts(layout))
+    return _run(layout, "row_moments", v, layout.rows_per_chunk, layout.channels,
+                layout.inner, _chunk_counts(layout))
 
 
-def affine(x, layout, scale, shift, out):
-    """``out = x * scale + shift`` per channel; coefficients float64 (C,)."""
-    v, o = x.reshape(layout.view), out.reshape(layout.view)
+def _view(a, layout):
+    return None if a is None else a.reshape(layout.view)
+
+
+def affine(x, layout, scale, shift, out, *, relu=False, mask=None):
+    """``out = x * scale + shift`` per channel; coefficients float64 (C,).
+
+    ``relu``: ``out = max(x * scale + shift, 0)`` in the same pass.
+    ``mask`` (an array like ``x``): ``out`` is 0 where ``mask > 0`` is false.
+    """
+    v, o, m = x.reshape(layout.view), out.reshape(layout.view), _view(mask, layout)
     if layout.planes:
-        _run(kernels.plane_affine, v, scale, shift, PLANE_CHUNK, o)
+        _run(layout, "plane_affine", v, scale, shift, PLANE_CHUNK, bool(relu), m, o)
     else:
-        _run(kernels.row_affine, v, _columns(scale, layout), _columns(shift, layout), o)
+        _run(layout, "row_affine", v, scale, shift, layout.channels, layout.inner,
+             bool(relu), m, o)
     return out
 
 
-def grad_sums(x, dy, layout, mean):
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in one pass."""
-    v, g = x.reshape(layout.view), dy.reshape(layout.view)
-    s_dy, s_dyx = _partials(layout, _chunk_counts(layout))
+def grad_sums(x, dy, layout, mean, *, mask=None):
+    """Per-channel ``sum(g)`` and ``sum(g * (x - mean))`` in one pass, where
+    ``g`` is ``dy``, or ``dy`` where ``mask > 0`` and 0 elsewhere."""
+    v, g, m = x.reshape(layout.view), dy.reshape(layout.view), _view(mask, layout)
     if layout.planes:
-        _run(kernels.plane_grad_sums, v, g, mean, PLANE_CHUNK, s_dy, s_dyx)
-    else:
-        _run(kernels.row_grad_sums, v, g, _columns(mean, layout), layout.rows_per_chunk,
-             layout.channels, layout.inner, s_dy, s_dyx)
-    return s_dy.sum(axis=0), s_dyx.sum(axis=0)
+        return _run(layout, "plane_grad_sums", v, g, m, mean, PLANE_CHUNK)
+    return _run(layout, "row_grad_sums", v, g, m, mean, layout.rows_per_chunk,
+                layout.channels, layout.inner)
 
 
-def grad_input(dy, x, layout, a, b, c, mean, out):
-    """``out = dy * a + (x - mean) * b + c`` per channel."""
+def grad_input(dy, x, layout, a, b, c, mean, out, *, mask=None):
+    """``out = g * a + (x - mean) * b + c`` per channel, ``g`` as in :func:`grad_sums`."""
     g, v, o = dy.reshape(layout.view), x.reshape(layout.view), out.reshape(layout.view)
+    m = _view(mask, layout)
     if layout.planes:
-        _run(kernels.plane_grad_input, g, v, a, b, c, mean, PLANE_CHUNK, o)
+        _run(layout, "plane_grad_input", g, v, m, a, b, c, mean, PLANE_CHUNK, o)
     else:
-        cols = (_columns(z, layout) for z in (a, b, c, mean))
-        _run(kernels.row_grad_input, g, v, *cols, o)
+        _run(layout, "row_grad_input", g, v, m, a, b, c, mean, layout.channels, layout.inner, o)
     return out

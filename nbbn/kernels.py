@@ -1,6 +1,6 @@
 """Numba CPU kernels for batch normalization: loops and nothing else.
 
-Two memory layouts cover every input (see ``nbbn._layout``):
+Two memory layouts cover every input (see ``nbbn._engine.layout_of``):
 
 * planes: ``x`` viewed as ``(N, C, M)``; one task per chunk of an ``(n, c)``
   plane, so that few channels still keep every core busy;
@@ -10,13 +10,24 @@ Two memory layouts cover every input (see ``nbbn._layout``):
 
 Tasks are fixed by the shape, never by the thread count, and partial states
 are merged serially in task order, so results are bitwise reproducible for any
-``numba.set_num_threads``. Statistics take one pass over memory: each block of
-``BLOCK`` elements is summed, then its squared deviations are summed while it
-is still in L1, and block states (count, mean, M2) are merged with Chan's
-formula. All accumulation is in float64.
+``numba.set_num_threads``. Every parallel kernel has a ``*_serial`` twin
+(same code, ``prange`` run as ``range``; no thread launch, for small inputs):
+same tasks, same order, same bits. Statistics take one pass over
+memory: each block of ``BLOCK`` elements is summed, then its squared
+deviations are summed while it is still in L1, and block states (count, mean,
+M2) are merged with Chan's formula. All accumulation is in float64.
+
+Every inner loop runs over a 1-D span from index 0: with a start offset Numba
+must handle negative (wrap-around) indices and LLVM no longer vectorizes.
+
+``relu`` variants compute ``max(v, 0)`` in the same pass (NaN propagates);
+``mask`` variants read a saved ReLU output ``y`` and treat the gradient as 0
+where ``y > 0`` is false, as the ReLU backward does.
 """
 import numpy as np
 from numba import njit, prange
+
+from ._jit import serial_twin
 
 #: Elements whose second moment is taken while they sit in L1.
 BLOCK = 2048
@@ -25,32 +36,23 @@ BLOCK = 2048
 _REDUCE = {"reassoc", "nsz", "contract"}
 
 
+# --- span helpers: 1-D contiguous arrays, loops from 0 -----------------------
+
 @njit(fastmath=_REDUCE, cache=True)
-def _sum(x, start, stop):
+def _sum(x):
     acc = 0.0
-    for i in range(start, stop):
+    for i in range(x.shape[0]):
         acc += x[i]
     return acc
 
 
 @njit(fastmath=_REDUCE, cache=True)
-def _sum_squared_deviations(x, start, stop, mean):
+def _sum_squared_deviations(x, mean):
     acc = 0.0
-    for i in range(start, stop):
+    for i in range(x.shape[0]):
         d = x[i] - mean
         acc += d * d
     return acc
-
-
-@njit(fastmath=_REDUCE, cache=True)
-def _grad_dot(x, dy, start, stop, mean):
-    s_dy = 0.0
-    s_dyx = 0.0
-    for i in range(start, stop):
-        g = dy[i] + 0.0
-        s_dy += g
-        s_dyx += g * (x[i] - mean)
-    return s_dy, s_dyx
 
 
 @njit(cache=True)
@@ -63,29 +65,93 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @njit(cache=True)
+def _span_moments(x):
+    """(mean, M2) of a span, block by block."""
+    m = x.shape[0]
+    count, mean, m2 = 0.0, 0.0, 0.0
+    for start in range(0, m, BLOCK):
+        block = x[start:min(start + BLOCK, m)]
+        size = block.shape[0]
+        block_mean = _sum(block) / size
+        block_m2 = _sum_squared_deviations(block, block_mean)
+        count, mean, m2 = _chan(count, mean, m2, size, block_mean, block_m2)
+    return mean, m2
+
+
+@njit(fastmath=_REDUCE, cache=True)
+def _grad_dot(x, dy, mask, mean):
+    """sum(g) and sum(g * (x - mean)), g = dy masked by ``mask > 0`` (or not)."""
+    s_dy = 0.0
+    s_dyx = 0.0
+    if mask is None:
+        for i in range(x.shape[0]):
+            g = dy[i] + 0.0
+            s_dy += g
+            s_dyx += g * (x[i] - mean)
+    else:
+        for i in range(x.shape[0]):
+            g = dy[i] + 0.0 if mask[i] > 0 else 0.0
+            s_dy += g
+            s_dyx += g * (x[i] - mean)
+    return s_dy, s_dyx
+
+
+# No fastmath below: a fused multiply-add would turn x*a - mean*a into a
+# rounding residual instead of the exact zero of a constant channel.
+
+@njit(cache=True)
 def _axpb(x, a, b, out):
-    # No fastmath: a fused multiply-add would turn x*a - mean*a into a
-    # rounding residual instead of the exact zero of a constant channel.
     for i in range(x.shape[0]):
         out[i] = x[i] * a + b
 
 
 @njit(cache=True)
-def _axpb_columns(x, a, b, out):
-    for j in range(x.shape[0]):
-        out[j] = x[j] * a[j] + b[j]
+def _affine_span(x, a, b, relu, mask, out):
+    if mask is not None:
+        for i in range(x.shape[0]):
+            out[i] = x[i] * a + b if mask[i] > 0 else 0.0
+    elif relu:
+        for i in range(x.shape[0]):
+            v = x[i] * a + b
+            out[i] = 0.0 if v < 0.0 else v
+    else:
+        _axpb(x, a, b, out)
 
 
 @njit(cache=True)
-def _grad_input_span(dy, x, a, b, c, mean, out):
-    for i in range(x.shape[0]):
-        out[i] = dy[i] * a + (x[i] - mean) * b + c
+def _axpb_columns(x, a, b, relu, mask, out):
+    if mask is not None:
+        for j in range(x.shape[0]):
+            out[j] = x[j] * a[j] + b[j] if mask[j] > 0 else 0.0
+    elif relu:
+        for j in range(x.shape[0]):
+            v = x[j] * a[j] + b[j]
+            out[j] = 0.0 if v < 0.0 else v
+    else:
+        for j in range(x.shape[0]):
+            out[j] = x[j] * a[j] + b[j]
 
 
 @njit(cache=True)
-def _grad_input_columns(dy, x, a, b, c, mean, out):
-    for j in range(x.shape[0]):
-        out[j] = dy[j] * a[j] + (x[j] - mean[j]) * b[j] + c[j]
+def _grad_input_span(dy, x, mask, a, b, c, mean, out):
+    if mask is None:
+        for i in range(x.shape[0]):
+            out[i] = dy[i] * a + (x[i] - mean) * b + c
+    else:
+        for i in range(x.shape[0]):
+            g = dy[i] + 0.0 if mask[i] > 0 else 0.0
+            out[i] = g * a + (x[i] - mean) * b + c
+
+
+@njit(cache=True)
+def _grad_input_columns(dy, x, mask, a, b, c, mean, out):
+    if mask is None:
+        for j in range(x.shape[0]):
+            out[j] = dy[j] * a[j] + (x[j] - mean[j]) * b[j] + c[j]
+    else:
+        for j in range(x.shape[0]):
+            g = dy[j] + 0.0 if mask[j] > 0 else 0.0
+            out[j] = g * a[j] + (x[j] - mean[j]) * b[j] + c[j]
 
 
 @njit(cache=True)
@@ -102,63 +168,49 @@ def _add_squared_deviations(acc, row, mean):
 
 
 @njit(cache=True)
-def _add_grad_columns(s_dy, s_dyx, x, dy, mean):
-    for j in range(s_dy.shape[0]):
-        g = dy[j] + 0.0
-        s_dy[j] += g
-        s_dyx[j] += g * (x[j] - mean[j])
+def _add_grad_columns(s_dy, s_dyx, x, dy, mask, mean):
+    if mask is None:
+        for j in range(s_dy.shape[0]):
+            g = dy[j] + 0.0
+            s_dy[j] += g
+            s_dyx[j] += g * (x[j] - mean[j])
+    else:
+        for j in range(s_dy.shape[0]):
+            g = dy[j] + 0.0 if mask[j] > 0 else 0.0
+            s_dy[j] += g
+            s_dyx[j] += g * (x[j] - mean[j])
 
 
-@njit(parallel=True, cache=True)
-def plane_moments(x, chunk, means, m2s):
-    """Per-chunk (mean, M2) of ``x`` (N, C, M) into ``means[n*K + k, c]``."""
-    n_planes, channels, m = x.shape
-    k_chunks = (m + chunk - 1) // chunk
-    for t in prange(n_planes * channels * k_chunks):
-        n = t // (channels * k_chunks)
-        c = (t // k_chunks) % channels
-        k = t % k_chunks
-        plane = x[n, c]
-        stop = min((k + 1) * chunk, m)
-        count, mean, m2 = 0.0, 0.0, 0.0
-        for start in range(k * chunk, stop, BLOCK):
-            end = min(start + BLOCK, stop)
-            block_mean = _sum(plane, start, end) / (end - start)
-            block_m2 = _sum_squared_deviations(plane, start, end, block_mean)
-            count, mean, m2 = _chan(count, mean, m2, end - start, block_mean, block_m2)
-        means[n * k_chunks + k, c] = mean
-        m2s[n * k_chunks + k, c] = m2
-
-
-@njit(parallel=True, cache=True)
-def row_moments(x, rows_per_chunk, channels, inner, means, m2s):
-    """Per-chunk (mean, M2) of ``x`` (R, W) into ``means[p, c]``."""
-    n_rows, width = x.shape
-    tiles = width // (channels * inner)
-    for p in prange(means.shape[0]):
-        r0 = p * rows_per_chunk
-        r1 = min(r0 + rows_per_chunk, n_rows)
-        col_mean = np.zeros(width)
-        for r in range(r0, r1):
-            _add_columns(col_mean, x[r])
-        col_mean *= 1.0 / (r1 - r0)
-        col_m2 = np.zeros(width)
-        for r in range(r0, r1):
-            _add_squared_deviations(col_m2, x[r], col_mean)
-        # Fold the tiles * inner columns of each channel: equal counts.
+@njit(cache=True)
+def _fold_columns(col, channels, inner, center):
+    """Per channel, the sum over its ``tiles * inner`` columns of ``col``, or
+    of ``(col - center[c])**2`` unless ``center`` is None; tiles in order."""
+    out = np.zeros(channels)
+    j = 0
+    for _ in range(col.shape[0] // (channels * inner)):
         for c in range(channels):
-            s = 0.0
-            for t in range(tiles):
-                base = (t * channels + c) * inner
-                s += _sum(col_mean, base, base + inner)
-            ch_mean = s / (tiles * inner)
-            q = 0.0
-            for t in range(tiles):
-                base = (t * channels + c) * inner
-                q += _sum(col_m2, base, base + inner)
-                q += (r1 - r0) * _sum_squared_deviations(col_mean, base, base + inner, ch_mean)
-            means[p, c] = ch_mean
-            m2s[p, c] = q
+            if inner == 1:  # what the span loops below give for one column
+                v = col[j] if center is None else (col[j] - center[c]) * (col[j] - center[c])
+            elif center is None:
+                v = _sum(col[j:j + inner])
+            else:
+                v = _sum_squared_deviations(col[j:j + inner], center[c])
+            out[c] += v
+            j += inner
+    return out
+
+
+@njit(cache=True)
+def _expand(values, channels, inner, width):
+    """Per-channel ``values`` repeated for each of the ``width`` columns of a rows view."""
+    out = np.empty(width)
+    j = 0
+    for _ in range(width // (channels * inner)):
+        for c in range(channels):
+            for i in range(inner):
+                out[j + i] = values[c]
+            j += inner
+    return out
 
 
 @njit(cache=True)
@@ -183,84 +235,165 @@ def merge_moments(counts, means, m2s):
     return mean, m2
 
 
-@njit(parallel=True, cache=True)
-def plane_affine(x, scale, shift, chunk, out):
-    """``out = x * scale[c] + shift[c]`` for ``x`` (N, C, M)."""
-    n_planes, channels, m = x.shape
-    k_chunks = (m + chunk - 1) // chunk
-    for t in prange(n_planes * channels * k_chunks):
-        n = t // (channels * k_chunks)
-        c = (t // k_chunks) % channels
-        k = t % k_chunks
-        stop = min((k + 1) * chunk, m)
-        _axpb(x[n, c, k * chunk:stop], scale[c], shift[c], out[n, c, k * chunk:stop])
+@njit(cache=True)
+def _mean_var(counts, means, m2s):
+    """(mean, biased variance) from the partial states, merged in order."""
+    mean, m2 = merge_moments(counts, means, m2s)
+    return mean, m2 / counts.sum()
 
 
-@njit(parallel=True, cache=True)
-def row_affine(x, scale, shift, out):
-    """``out = x * scale + shift`` row by row for ``x`` (R, W), coefficients (W,)."""
-    for r in prange(x.shape[0]):
-        _axpb_columns(x[r], scale, shift, out[r])
+@njit(cache=True)
+def _sum_parts(parts):
+    """Column sums of ``parts`` (P, C), adding the rows in order."""
+    out = np.zeros(parts.shape[1])
+    for p in range(parts.shape[0]):
+        for c in range(parts.shape[1]):
+            out[c] += parts[p, c]
+    return out
 
 
-@njit(parallel=True, cache=True)
-def plane_grad_sums(x, dy, mean, chunk, s_dy, s_dyx):
-    """Per-chunk sums of ``dy`` and ``dy * (x - mean[c])`` into ``[n*K + k, c]``."""
-    n_planes, channels, m = x.shape
-    k_chunks = (m + chunk - 1) // chunk
-    for t in prange(n_planes * channels * k_chunks):
-        n = t // (channels * k_chunks)
-        c = (t // k_chunks) % channels
-        k = t % k_chunks
-        stop = min((k + 1) * chunk, m)
-        a, b = _grad_dot(x[n, c], dy[n, c], k * chunk, stop, mean[c])
-        s_dy[n * k_chunks + k, c] = a
-        s_dyx[n * k_chunks + k, c] = b
+# --- tasks -------------------------------------------------------------------
+# Task t of the planes layout is chunk k = t % K of plane (n, c), K chunks per
+# plane; its partial state goes to [n * K + k, c]. Task p of the rows layout
+# is rows [p * rows_per_chunk, (p + 1) * rows_per_chunk); its state to [p, c].
+
+@njit(cache=True)
+def _n_chunks(m, chunk):
+    return (m + chunk - 1) // chunk
 
 
-@njit(parallel=True, cache=True)
-def row_grad_sums(x, dy, mean, rows_per_chunk, channels, inner, s_dy, s_dyx):
-    """Per-chunk sums of ``dy`` and ``dy * (x - mean)`` for ``x`` (R, W), mean (W,)."""
+@njit(cache=True)
+def _plane_task(t, shape, chunk):
+    """(n, c, lo, hi, part) of planes task ``t``."""
+    channels, m = shape[1], shape[2]
+    k_chunks = _n_chunks(m, chunk)
+    n = t // (channels * k_chunks)
+    lo = (t % k_chunks) * chunk
+    return n, (t // k_chunks) % channels, lo, min(lo + chunk, m), n * k_chunks + t % k_chunks
+
+
+@njit(cache=True)
+def _row_moments_task(p, x, rows_per_chunk, channels, inner, means, m2s):
     n_rows, width = x.shape
     tiles = width // (channels * inner)
-    for p in prange(s_dy.shape[0]):
-        r0 = p * rows_per_chunk
-        r1 = min(r0 + rows_per_chunk, n_rows)
-        col_dy = np.zeros(width)
-        col_dyx = np.zeros(width)
-        for r in range(r0, r1):
-            _add_grad_columns(col_dy, col_dyx, x[r], dy[r], mean)
-        for c in range(channels):
-            a = 0.0
-            b = 0.0
-            for t in range(tiles):
-                base = (t * channels + c) * inner
-                a += _sum(col_dy, base, base + inner)
-                b += _sum(col_dyx, base, base + inner)
-            s_dy[p, c] = a
-            s_dyx[p, c] = b
+    r0 = p * rows_per_chunk
+    r1 = min(r0 + rows_per_chunk, n_rows)
+    col_mean = np.zeros(width)
+    for r in range(r0, r1):
+        _add_columns(col_mean, x[r])
+    col_mean *= 1.0 / (r1 - r0)
+    col_m2 = np.zeros(width)
+    for r in range(r0, r1):
+        _add_squared_deviations(col_m2, x[r], col_mean)
+    # Fold the tiles * inner columns of each channel: equal counts.
+    ch_mean = _fold_columns(col_mean, channels, inner, None) / (tiles * inner)
+    means[p] = ch_mean
+    m2s[p] = (_fold_columns(col_m2, channels, inner, None)
+              + (r1 - r0) * _fold_columns(col_mean, channels, inner, ch_mean))
+
+
+@njit(cache=True)
+def _row_grad_sums_task(p, x, dy, mask, mean, rows_per_chunk, channels, inner, s_dy, s_dyx):
+    n_rows, width = x.shape
+    r0 = p * rows_per_chunk
+    r1 = min(r0 + rows_per_chunk, n_rows)
+    col_dy = np.zeros(width)
+    col_dyx = np.zeros(width)
+    for r in range(r0, r1):
+        _add_grad_columns(col_dy, col_dyx, x[r], dy[r], None if mask is None else mask[r], mean)
+    s_dy[p] = _fold_columns(col_dy, channels, inner, None)
+    s_dyx[p] = _fold_columns(col_dyx, channels, inner, None)
+
+
+# --- parallel kernels (serial twins at the end) ------------------------------
+
+@njit(parallel=True, cache=True)
+def plane_moments(x, chunk, counts):
+    """Per-channel (mean, biased variance) of ``x`` (N, C, M); ``counts[p]``:
+    elements per channel in part ``p``."""
+    parts = x.shape[0] * _n_chunks(x.shape[2], chunk)
+    means = np.empty((parts, x.shape[1]))
+    m2s = np.empty((parts, x.shape[1]))
+    for t in prange(parts * x.shape[1]):
+        n, c, lo, hi, part = _plane_task(t, x.shape, chunk)
+        means[part, c], m2s[part, c] = _span_moments(x[n, c, lo:hi])
+    return _mean_var(counts, means, m2s)
 
 
 @njit(parallel=True, cache=True)
-def plane_grad_input(dy, x, a, b, c, mean, chunk, out):
-    """``out = dy * a + (x - mean) * b + c`` per channel for (N, C, M) arrays."""
-    n_planes, channels, m = x.shape
-    k_chunks = (m + chunk - 1) // chunk
-    for t in prange(n_planes * channels * k_chunks):
-        n = t // (channels * k_chunks)
-        ch = (t // k_chunks) % channels
-        k = t % k_chunks
-        lo = k * chunk
-        hi = min(lo + chunk, m)
-        _grad_input_span(dy[n, ch, lo:hi], x[n, ch, lo:hi], a[ch], b[ch], c[ch],
-                         mean[ch], out[n, ch, lo:hi])
+def row_moments(x, rows_per_chunk, channels, inner, counts):
+    """Per-channel (mean, biased variance) of ``x`` (R, W)."""
+    means = np.empty((counts.shape[0], channels))
+    m2s = np.empty((counts.shape[0], channels))
+    for p in prange(counts.shape[0]):
+        _row_moments_task(p, x, rows_per_chunk, channels, inner, means, m2s)
+    return _mean_var(counts, means, m2s)
 
 
 @njit(parallel=True, cache=True)
-def row_grad_input(dy, x, a, b, c, mean, out):
-    """``out = dy * a + (x - mean) * b + c`` row by row, coefficients (W,)."""
+def plane_affine(x, scale, shift, chunk, relu, mask, out):
+    """``out = x * scale[c] + shift[c]`` for ``x`` (N, C, M); ReLU'd if
+    ``relu``; 0 where ``mask > 0`` is false unless ``mask`` is None."""
+    for t in prange(x.shape[0] * x.shape[1] * _n_chunks(x.shape[2], chunk)):
+        n, c, lo, hi, _ = _plane_task(t, x.shape, chunk)
+        _affine_span(x[n, c, lo:hi], scale[c], shift[c], relu,
+                     None if mask is None else mask[n, c, lo:hi], out[n, c, lo:hi])
+
+
+@njit(parallel=True, cache=True)
+def row_affine(x, scale, shift, channels, inner, relu, mask, out):
+    """:func:`plane_affine` row by row for ``x`` (R, W), coefficients (C,)."""
+    a = _expand(scale, channels, inner, x.shape[1])
+    b = _expand(shift, channels, inner, x.shape[1])
     for r in prange(x.shape[0]):
-        _grad_input_columns(dy[r], x[r], a, b, c, mean, out[r])
+        _axpb_columns(x[r], a, b, relu, None if mask is None else mask[r], out[r])
+
+
+@njit(parallel=True, cache=True)
+def plane_grad_sums(x, dy, mask, mean, chunk):
+    """Per-channel ``sum(g)`` and ``sum(g * (x - mean[c]))`` for (N, C, M)
+    arrays, ``g`` being ``dy``, masked by ``mask > 0`` unless ``mask`` is None."""
+    parts = x.shape[0] * _n_chunks(x.shape[2], chunk)
+    s_dy = np.empty((parts, x.shape[1]))
+    s_dyx = np.empty((parts, x.shape[1]))
+    for t in prange(parts * x.shape[1]):
+        n, c, lo, hi, part = _plane_task(t, x.shape, chunk)
+        s_dy[part, c], s_dyx[part, c] = _grad_dot(
+            x[n, c, lo:hi], dy[n, c, lo:hi], None if mask is None else mask[n, c, lo:hi], mean[c])
+    return _sum_parts(s_dy), _sum_parts(s_dyx)
+
+
+@njit(parallel=True, cache=True)
+def row_grad_sums(x, dy, mask, mean, rows_per_chunk, channels, inner):
+    """:func:`plane_grad_sums` for ``x`` (R, W), ``mean`` (C,)."""
+    parts = _n_chunks(x.shape[0], rows_per_chunk)
+    s_dy = np.empty((parts, channels))
+    s_dyx = np.empty((parts, channels))
+    m = _expand(mean, channels, inner, x.shape[1])
+    for p in prange(parts):
+        _row_grad_sums_task(p, x, dy, mask, m, rows_per_chunk, channels, inner, s_dy, s_dyx)
+    return _sum_parts(s_dy), _sum_parts(s_dyx)
+
+
+@njit(parallel=True, cache=True)
+def plane_grad_input(dy, x, mask, a, b, c, mean, chunk, out):
+    """``out = g * a + (x - mean) * b + c`` per channel for (N, C, M) arrays,
+    ``g`` as in :func:`plane_grad_sums`."""
+    for t in prange(x.shape[0] * x.shape[1] * _n_chunks(x.shape[2], chunk)):
+        n, ch, lo, hi, _ = _plane_task(t, x.shape, chunk)
+        _grad_input_span(dy[n, ch, lo:hi], x[n, ch, lo:hi],
+                         None if mask is None else mask[n, ch, lo:hi],
+                         a[ch], b[ch], c[ch], mean[ch], out[n, ch, lo:hi])
+
+
+@njit(parallel=True, cache=True)
+def row_grad_input(dy, x, mask, a, b, c, mean, channels, inner, out):
+    """:func:`plane_grad_input` row by row for (R, W) arrays, coefficients (C,)."""
+    w = x.shape[1]
+    ea, eb = _expand(a, channels, inner, w), _expand(b, channels, inner, w)
+    ec, em = _expand(c, channels, inner, w), _expand(mean, channels, inner, w)
+    for r in prange(x.shape[0]):
+        _grad_input_columns(dy[r], x[r], None if mask is None else mask[r], ea, eb, ec, em, out[r])
 
 
 @njit(cache=True)
@@ -269,3 +402,24 @@ def update_running(running_mean, running_var, mean, unbiased_var, factor):
     for c in range(running_mean.shape[0]):
         running_mean[c] = (1.0 - factor) * running_mean[c] + factor * mean[c]
         running_var[c] = (1.0 - factor) * running_var[c] + factor * unbiased_var[c]
+
+
+@njit(parallel=True, cache=True)
+def stream_axpb(x, a, b, chunk, out):
+    """``out = x * a + b`` over 1-D arrays in ``chunk``s: the memory
+    bandwidth probe of ``python -m nbbn bench`` (the loop of :func:`plane_affine`)."""
+    for t in prange(_n_chunks(x.shape[0], chunk)):
+        lo = t * chunk
+        hi = min(lo + chunk, x.shape[0])
+        _axpb(x[lo:hi], a, b, out[lo:hi])
+
+
+# Serial twins: the same code without thread launches, for small inputs.
+plane_moments_serial = serial_twin(plane_moments)
+row_moments_serial = serial_twin(row_moments)
+plane_affine_serial = serial_twin(plane_affine)
+row_affine_serial = serial_twin(row_affine)
+plane_grad_sums_serial = serial_twin(plane_grad_sums)
+row_grad_sums_serial = serial_twin(row_grad_sums)
+plane_grad_input_serial = serial_twin(plane_grad_input)
+row_grad_input_serial = serial_twin(row_grad_input)

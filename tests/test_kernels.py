@@ -1,0 +1,67 @@
+"""The kernels' serial twins give the bits of the parallel kernels, for every
+layout, dtype and variant (plain, fused ReLU, masked by a saved output)."""
+import numpy as np
+import pytest
+
+from nbbn import _engine
+
+SHAPES = [((3, 4, 100), 1), ((2, 3, 70000), 1), ((4, 3, 7), 1), ((40, 5), 1),
+          ((5, 6, 7, 3), -1), ((1000, 24), -1)]
+
+
+def _run_both(layout, name, *args):
+    k = _engine.kernels()
+    outs = []
+    for kernel in (getattr(k, name), getattr(k, name + "_serial")):
+        copies = [a.copy() if isinstance(a, np.ndarray) and a.flags.writeable else a for a in args]
+        result = kernel(*copies)
+        outs.append((result, copies[-1]))
+    return outs
+
+
+def _assert_same(pair):
+    (r1, o1), (r2, o2) = pair
+    np.testing.assert_array_equal(o1, o2)
+    if r1 is not None:
+        for a, b in zip(r1, r2):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_serial_twins_give_the_same_bits(shape, axis, dtype):
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    layout = _engine.layout_of(shape, axis)
+    v, g = x.reshape(layout.view), dy.reshape(layout.view)
+    c = layout.channels
+    mean, scale, shift = rng.standard_normal((3, c))
+    counts = _engine._chunk_counts(layout)
+    out = np.empty_like(v)
+    if layout.planes:
+        chunk = _engine.PLANE_CHUNK
+        _assert_same([(r, out) for r, _ in _run_both(layout, "plane_moments", v, chunk, counts)])
+        for relu, mask in ((False, None), (True, None), (False, v)):
+            _assert_same(_run_both(layout, "plane_affine", v, scale, shift, chunk, relu, mask, out))
+        for mask in (None, v):
+            _assert_same([(r, out) for r, _ in
+                          _run_both(layout, "plane_grad_sums", v, g, mask, mean, chunk)])
+            _assert_same(_run_both(layout, "plane_grad_input", g, v, mask, scale, shift, mean,
+                                   mean, chunk, out))
+    else:
+        rpc, inner = layout.rows_per_chunk, layout.inner
+        _assert_same([(r, out) for r, _ in
+                      _run_both(layout, "row_moments", v, rpc, c, inner, counts)])
+        for relu, mask in ((False, None), (True, None), (False, v)):
+            _assert_same(_run_both(layout, "row_affine", v, scale, shift, c, inner, relu, mask, out))
+        for mask in (None, v):
+            _assert_same([(r, out) for r, _ in
+                          _run_both(layout, "row_grad_sums", v, g, mask, mean, rpc, c, inner)])
+            _assert_same(_run_both(layout, "row_grad_input", g, v, mask, scale, shift, mean,
+                                   mean, c, inner, out))
+
+
+def test_small_inputs_take_the_serial_twins_large_ones_the_parallel_kernels():
+    assert _engine.layout_of((2, 4, 64, 64), 1).serial
+    assert not _engine.layout_of((4, 4, 64, 64), 1).serial
