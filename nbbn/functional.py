@@ -6,8 +6,7 @@ import numpy as np
 
 from . import _cuda
 from . import _validation as check
-from . import kernels
-from ._engine import affine, grad_input, grad_sums, layout_of, moments
+from ._engine import affine, grad_input, grad_sums, layout_of, moments, update_running
 
 __all__ = ["batch_norm", "native_batch_norm", "batch_norm_backward"]
 
@@ -109,7 +108,7 @@ def _update_running(running_mean, running_var, mean, var, count, factor):
         warnings.warn("batch statistics are not finite (NaN or Inf in the input): "
                       "running statistics were not updated", RuntimeWarning, stacklevel=4)
         return False
-    kernels.update_running(running_mean, running_var, mean, var * (count / (count - 1)), factor)
+    update_running(running_mean, running_var, mean, var * (count / (count - 1)), factor)
     return True
 
 

@@ -115,7 +115,8 @@ CACHED = textwrap.dedent("""
     import numpy as np, nbbn
     from nbbn import kernels
     bn = nbbn.BatchNorm(4)
-    x = np.random.default_rng(0).standard_normal((4, 4, 16, 16)).astype(np.float32)
+    # Large enough for the parallel kernels (small inputs run their serial twins).
+    x = np.random.default_rng(0).standard_normal((4, 4, 64, 64)).astype(np.float32)
     y = bn(x); bn.backward(y)
     hits = sum(sum(k.stats.cache_hits.values()) for k in
                (kernels.plane_moments, kernels.plane_affine, kernels.plane_grad_sums, kernels.plane_grad_input))
