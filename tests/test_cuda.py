@@ -177,6 +177,19 @@ def test_layer_matches_cpu_over_steps(rng, shape, axis, momentum):
 
 
 @here
+def test_layer_without_affine_or_running_stats(rng):
+    x, dy = random_input(rng, (5, 3, 2), np.float64), random_input(rng, (5, 3, 2), np.float64)
+    for mode in (True, False):
+        gpu = nbbn.BatchNorm(3, affine=False, track_running_stats=False, dtype=np.float64,
+                             device="cuda").train(mode)
+        cpu = nbbn.BatchNorm(3, affine=False, track_running_stats=False,
+                             dtype=np.float64).train(mode)
+        assert_close(gpu(x), cpu(x), np.float64)
+        assert_close(gpu.backward(dy), cpu.backward(dy), np.float64)
+        assert gpu.grad_gamma is None and gpu.state_dict() == {}
+
+
+@here
 def test_to_moves_the_state_and_back(rng):
     bn = nbbn.BatchNorm(4, dtype=np.float64)
     bn(random_input(rng, (5, 4), np.float64))
