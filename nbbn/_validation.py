@@ -149,3 +149,32 @@ def renorm_limit(value, name, lowest):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= lowest:
         raise ValueError(f"{name} must be a number >= {lowest}, got {value!r}")
     return float(value)
+
+
+#: Activations the kernels can fuse after the normalization.
+ACTIVATIONS = ("relu",)
+
+
+def activation(a):
+    """A fused activation: None or one of ``ACTIVATIONS``."""
+    if a is None:
+        return None
+    if not isinstance(a, str):
+        raise TypeError(f"activation must be None or one of {ACTIVATIONS}, got {a!r}")
+    if a not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {a!r}")
+    return a
+
+
+def saved_output(y, x, relu):
+    """The forward's output ``y`` that a ReLU backward masks with: required
+    with the ReLU, refused without it."""
+    if not relu:
+        if y is not None:
+            raise ValueError("y (the forward's output) is only used with activation='relu'")
+        return None
+    if y is None:
+        raise ValueError("activation='relu' needs y, the output of the forward pass")
+    y = as_array(y, "y")
+    check_like(y, x, "y")
+    return y

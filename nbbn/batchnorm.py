@@ -30,6 +30,10 @@ class BatchNorm:
         Channel axis: 1 for (N, C, ...) inputs, -1 for channels-last (..., C).
     dtype : {numpy.float32, numpy.float64}
         dtype of the parameters and running statistics.
+    activation : {None, 'relu'}
+        Fuse ``max(y, 0)`` into the normalization pass; :meth:`backward` then
+        takes the gradient of the activation's output and recovers the mask
+        from the saved output (docs/activation.md).
     virtual_batch_size : int, optional
         Ghost batch normalization: in training, normalize each group of this
         many consecutive samples along axis 0 with its own statistics (the
@@ -41,18 +45,20 @@ class BatchNorm:
 
     Notes
     -----
-    :meth:`backward` keeps a reference to the last forward's input: modify
-    that array in between and the gradients are wrong.
+    :meth:`backward` keeps a reference to the last forward's input (and, with
+    an ``activation``, to its output): modify them in between and the
+    gradients are wrong.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32,
+                 track_running_stats=True, *, axis=1, dtype=np.float32, activation=None,
                  virtual_batch_size=None, device="cpu"):
         self.num_features = check.num_features(num_features)
         self.eps = check.eps(eps)
         self.momentum = check.momentum(momentum, allow_none=True)
         self.axis = check.check_axis(axis)
         self.dtype = check.float_dtype(dtype)
+        self.activation = check.activation(activation)
         self.virtual_batch_size = check.virtual_batch_size(virtual_batch_size)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
@@ -64,7 +70,7 @@ class BatchNorm:
         self.num_batches_tracked = 0
         self.training = True
         self.grad_gamma = self.grad_beta = None
-        self._saved = None
+        self._saved = self._saved_output = None
         self.device = "cpu"
         self.to(device)
 
@@ -72,6 +78,7 @@ class BatchNorm:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype={self.dtype.name}"
+                + (f", activation={self.activation!r}" if self.activation is not None else "")
                 + (f", virtual_batch_size={self.virtual_batch_size}"
                    if self.virtual_batch_size is not None else "")
                 + (f", device={self.device!r}" if self.device != "cpu" else "") + ")")
@@ -108,6 +115,8 @@ class BatchNorm:
         if device == "cuda":
             if type(self).forward is not BatchNorm.forward:
                 raise NotImplementedError(f"{type(self).__name__} has no GPU path")
+            if self.activation is not None:
+                raise NotImplementedError("activation has no GPU path yet")
             _cuda.cuda()
         move = _cuda.to_device if device == "cuda" else _cuda.to_host
         moved = {name: move(getattr(self, name)) for name in
@@ -155,13 +164,14 @@ class BatchNorm:
         y, mean, invstd, updated = forward(
             x, self.running_mean, self.running_var, self.gamma, self.beta, batch_stats,
             0.0 if factor is None else factor, self.eps, axis=self.axis, out=out,
-            num_features=self.num_features)
+            num_features=self.num_features, activation=self.activation)
         self.num_batches_tracked += updated
         if self.device == "cuda":
             overwritten = out is not None and _cuda.shares_memory(y, x)
         else:
             overwritten = out is not None and np.may_share_memory(out, x)
         self._saved = (x, mean, invstd, batch_stats, overwritten)
+        self._saved_output = y if self.activation is not None else None
         return y
 
     def backward(self, dy, out=None):
@@ -190,7 +200,8 @@ class BatchNorm:
         if isinstance(mean, list):
             return self._ghost_backward(dy, out, x, mean)
         dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, self.gamma, batch_stats,
-                                                axis=self.axis, out=out)
+                                                axis=self.axis, out=out, y=self._saved_output,
+                                                activation=self.activation)
         if self.affine and self.device == "cuda":
             self.grad_gamma = _cuda.astype(dgamma, self.dtype)
             self.grad_beta = _cuda.astype(dbeta, self.dtype)
@@ -218,11 +229,12 @@ class BatchNorm:
                 factor = 1.0 / (self.num_batches_tracked + 1)
             _, mean, invstd, updated = forward(
                 x[lo:hi], self.running_mean, self.running_var, self.gamma, self.beta, True,
-                factor, self.eps, axis=self.axis, out=out[lo:hi])
+                factor, self.eps, axis=self.axis, out=out[lo:hi], activation=self.activation)
             self.num_batches_tracked += updated
             groups.append((slice(lo, hi), mean, invstd))
         overwritten = np.may_share_memory(out, x)
         self._saved = (x, groups, None, True, overwritten)
+        self._saved_output = out if self.activation is not None else None
         return out
 
     def _ghost_backward(self, dy, out, x, groups):
@@ -232,8 +244,10 @@ class BatchNorm:
         out = np.empty_like(x) if out is None else check.check_out(out, x)
         dgamma = dbeta = 0.0
         for part, mean, invstd in groups:
+            y = None if self._saved_output is None else self._saved_output[part]
             _, dw, db = batch_norm_backward(dy[part], x[part], mean, invstd, self.gamma, True,
-                                            axis=self.axis, out=out[part])
+                                            axis=self.axis, out=out[part], y=y,
+                                            activation=self.activation)
             dgamma, dbeta = dgamma + dw.astype(np.float64), dbeta + db.astype(np.float64)
         if self.affine:
             self.grad_gamma, self.grad_beta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)

@@ -12,7 +12,7 @@ __all__ = ["batch_norm", "native_batch_norm", "batch_norm_backward"]
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
-               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None):
+               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, activation=None):
     """Batch normalization, as ``torch.nn.functional.batch_norm``.
 
     Parameters
@@ -38,6 +38,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         The channel axis.
     out : ndarray, optional
         C-contiguous array of the shape and dtype of ``x`` to write into.
+    activation : {None, 'relu'}
+        Apply ``max(y, 0)`` to the output in the same pass over memory
+        (docs/activation.md); :func:`batch_norm_backward` then takes the
+        output as ``y``.
 
     Returns
     -------
@@ -45,11 +49,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         The normalized input, in the dtype of ``x``.
     """
     return forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                   axis=axis, out=out)[0]
+                   axis=axis, out=out, activation=activation)[0]
 
 
 def native_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
-                      eps, *, axis=1, out=None):
+                      eps, *, axis=1, out=None, activation=None):
     """:func:`batch_norm` returning also the statistics it normalized with.
 
     Returns
@@ -60,13 +64,16 @@ def native_batch_norm(x, running_mean, running_var, weight, bias, training, mome
         the running ones otherwise. :func:`batch_norm_backward` takes them.
     """
     return forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                   axis=axis, out=out)[:3]
+                   axis=axis, out=out, activation=activation)[:3]
 
 
 def forward(x, running_mean, running_var, weight, bias, training, momentum, eps, *,
-            axis=1, out=None, num_features=None):
+            axis=1, out=None, num_features=None, activation=None):
     """:func:`native_batch_norm`, also returning whether the running
     statistics were updated (the layer counts batches by it)."""
+    relu = check.activation(activation) is not None
+    if relu and _cuda.is_device_array(x):
+        raise NotImplementedError("activation has no GPU path yet")
     if _cuda.is_device_array(x):
         return _cuda.forward(x, running_mean, running_var, weight, bias, training, momentum,
                              eps, axis=axis, out=out, num_features=num_features)
@@ -89,17 +96,18 @@ def forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
         raise ValueError("running_mean and running_var are required when training=False")
     else:
         mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
-    y, invstd = normalize(x, layout, mean, var, weight, bias, eps, out)
+    y, invstd = normalize(x, layout, mean, var, weight, bias, eps, out, relu=relu)
     return y, mean, invstd, updated
 
 
-def normalize(x, layout, mean, var, weight, bias, eps, out):
-    """Write ``(x - mean) / sqrt(var + eps) * weight + bias`` into ``out``;
-    return ``(out, invstd)``. Inputs already validated, statistics float64."""
+def normalize(x, layout, mean, var, weight, bias, eps, out, relu=False):
+    """Write ``(x - mean) / sqrt(var + eps) * weight + bias`` into ``out``
+    (then ``max(out, 0)`` if ``relu``); return ``(out, invstd)``. Inputs
+    already validated, statistics float64."""
     invstd = 1.0 / np.sqrt(var + eps)
     scale = invstd if weight is None else weight * invstd
     shift = -mean * scale if bias is None else bias - mean * scale
-    return affine(x, layout, scale, shift, out), invstd
+    return affine(x, layout, scale, shift, out, relu=relu), invstd
 
 
 def _update_running(running_mean, running_var, mean, var, count, factor):
@@ -112,7 +120,8 @@ def _update_running(running_mean, running_var, mean, var, count, factor):
     return True
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis=1, out=None):
+def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis=1, out=None,
+                        y=None, activation=None):
     """Gradients of :func:`batch_norm` given the gradient ``dy`` of its output.
 
     Parameters
@@ -132,14 +141,24 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis
         The channel axis.
     out : ndarray, optional
         Where to write the input gradient.
+    y : ndarray, optional
+        The forward's output, required with ``activation='relu'``: the
+        gradient flows where ``y > 0`` (no mask is stored in between).
+    activation : {None, 'relu'}
+        The activation the forward fused; ``dy`` is then the gradient of
+        the activation's output.
 
     Returns
     -------
     dx : ndarray
         Gradient with respect to ``x``.
     dweight, dbias : ndarray of shape (C,)
-        ``sum(dy * x_hat)`` and ``sum(dy)`` per channel, in the dtype of ``x``.
+        ``sum(g * x_hat)`` and ``sum(g)`` per channel, in the dtype of ``x``,
+        where ``g`` is ``dy`` (masked by ``y > 0`` with the ReLU).
     """
+    relu = check.activation(activation) is not None
+    if relu and (_cuda.is_device_array(x) or _cuda.is_device_array(dy)):
+        raise NotImplementedError("activation has no GPU path yet")
     if _cuda.is_device_array(x) or _cuda.is_device_array(dy):
         return _cuda.backward(dy, x, mean, invstd, weight, training, axis=axis, out=out)
     x = check.as_array(x)
@@ -149,16 +168,17 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis
     mean = check.channel_vector(mean, "mean", channels)
     invstd = check.channel_vector(invstd, "invstd", channels)
     weight = check.channel_vector(weight, "weight", channels)
+    mask = check.saved_output(y, x, relu)
     out = np.empty_like(x) if out is None else check.check_out(out, x)
     layout = layout_of(x.shape, axis)
-    s_dy, s_dyx = grad_sums(x, dy, layout, mean)
+    s_dy, s_dyx = grad_sums(x, dy, layout, mean, mask=mask)
     dweight = s_dyx * invstd
     if training:
         grad_input(dy, x, layout, *grad_coefficients(s_dy, s_dyx, invstd, weight, layout.count),
-                   mean, out)
+                   mean, out, mask=mask)
     else:
         a = invstd if weight is None else weight * invstd
-        affine(dy, layout, a, np.zeros_like(a), out)
+        affine(dy, layout, a, np.zeros_like(a), out, mask=mask)
     return out, dweight.astype(x.dtype), s_dy.astype(x.dtype)
 
 

@@ -126,6 +126,8 @@ class SyncBatchNorm(BatchNorm):
         if getattr(bn, "virtual_batch_size", None) is not None:
             raise ValueError("cannot synchronize ghost batch normalization "
                              f"(virtual_batch_size={bn.virtual_batch_size})")
+        if getattr(bn, "activation", None) is not None:
+            raise ValueError(f"cannot synchronize a fused activation (activation={bn.activation!r})")
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                   axis=bn.axis, dtype=bn.dtype, comm=comm)
         new.load_state_dict(bn.state_dict())

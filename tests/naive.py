@@ -120,3 +120,16 @@ def ghost_batch_norm_backward(dy, x, stats, weight=None, k=None, axis=1):
              for g, (mean, invstd) in enumerate(stats)]
     return (np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts),
             sum(p[2] for p in parts))
+
+
+def batch_norm_relu(x, *args, **kwargs):
+    """``max(batch_norm(x), 0)``: :func:`batch_norm` with the output ReLU'd."""
+    y, *rest = batch_norm(x, *args, **kwargs)
+    return (np.maximum(y, 0.0), *rest)
+
+
+def batch_norm_relu_backward(dy, x, mean, invstd, y, weight=None, training=True, axis=1):
+    """Gradients of :func:`batch_norm_relu`: the ReLU passes ``dy`` where its
+    output ``y`` is positive, then :func:`batch_norm_backward`."""
+    g = np.where(np.asarray(y) > 0, np.asarray(dy, np.float64), 0.0)
+    return batch_norm_backward(g, x, mean, invstd, weight, training, axis)
