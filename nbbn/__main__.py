@@ -15,6 +15,12 @@ def build_parser():
                                          "without BatchNorm (needs the extra 'demo')")
     demo.add_arguments(p)
     p.set_defaults(run=demo.main)
+
+    from . import bench
+    p = commands.add_parser("bench", help="time nbbn against NumPy and torch and against "
+                                          "this machine's memory bandwidth")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.main)
     return parser
 
 

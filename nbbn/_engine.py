@@ -8,6 +8,7 @@ nbbn`` stays fast, and a process that only builds layers never pays for it.
 """
 import functools
 import math
+import os
 import threading
 from typing import NamedTuple
 
@@ -26,6 +27,29 @@ TILE_WIDTH = 1024
 #: (the same tasks in the same order, so the same bits): starting threads
 #: costs more than it saves there, and far more on a busy machine.
 SERIAL_MAX = 1 << 15
+
+
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes():
+    """Size of the largest CPU cache (Linux sysfs), or 32 MiB when unknown."""
+    sizes = []
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    for entry in os.listdir(root) if os.path.isdir(root) else ():
+        try:
+            with open(os.path.join(root, entry, "size")) as f:
+                text = f.read().strip()
+            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * unit)
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 << 20)
+
+
+#: Outputs larger than this (bytes) are written with non-temporal stores
+#: (planes layout): they would not stay in the caches anyway, and streaming
+#: them skips reading every line before writing it. None: the last-level
+#: cache's size. Smaller outputs are faster through the cache.
+STREAM_MIN_BYTES = None
 
 _kernels = None
 
@@ -142,6 +166,11 @@ def _view(a, layout):
     return None if a is None else a.reshape(layout.view)
 
 
+def _stream(out):
+    limit = STREAM_MIN_BYTES if STREAM_MIN_BYTES is not None else last_level_cache_bytes()
+    return out.nbytes > limit and out.flags.aligned
+
+
 def affine(x, layout, scale, shift, out, *, relu=False, mask=None):
     """``out = x * scale + shift`` per channel; coefficients float64 (C,).
 
@@ -150,7 +179,7 @@ def affine(x, layout, scale, shift, out, *, relu=False, mask=None):
     """
     v, o, m = x.reshape(layout.view), out.reshape(layout.view), _view(mask, layout)
     if layout.planes:
-        _run(layout, "plane_affine", v, scale, shift, PLANE_CHUNK, bool(relu), m, o)
+        _run(layout, "plane_affine", v, scale, shift, PLANE_CHUNK, bool(relu), m, _stream(out), o)
     else:
         _run(layout, "row_affine", v, scale, shift, layout.channels, layout.inner,
              bool(relu), m, o)
@@ -172,7 +201,7 @@ def grad_input(dy, x, layout, a, b, c, mean, out, *, mask=None):
     g, v, o = dy.reshape(layout.view), x.reshape(layout.view), out.reshape(layout.view)
     m = _view(mask, layout)
     if layout.planes:
-        _run(layout, "plane_grad_input", g, v, m, a, b, c, mean, PLANE_CHUNK, o)
+        _run(layout, "plane_grad_input", g, v, m, a, b, c, mean, PLANE_CHUNK, _stream(out), o)
     else:
         _run(layout, "row_grad_input", g, v, m, a, b, c, mean, layout.channels, layout.inner, o)
     return out

@@ -1,7 +1,10 @@
-"""Numba machinery the kernels share: the serial twin of a parallel kernel."""
-import types
+"""Numba machinery the kernels share: the serial twin of a parallel kernel,
+and vector intrinsics with non-temporal stores."""
+import types as pytypes
 
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 
 def serial_twin(kernel):
@@ -14,9 +17,136 @@ def serial_twin(kernel):
     (the cache is keyed by name and bytecode, not by compile options).
     """
     f = kernel.py_func
-    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
+    twin = pytypes.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
                               f.__defaults__, f.__closure__)
     twin.__qualname__ = f.__qualname__ + "_serial"
     twin.__module__ = f.__module__
     twin.__doc__ = f":func:`{f.__name__}` in the calling thread only."
     return njit(cache=True)(twin)
+
+
+# --- optional arrays ----------------------------------------------------------
+# The ReLU mask is None or an array. numba prunes ``if a is None`` only when
+# ``a`` is None, so a plain helper would return an Optional for an array;
+# these pick the piece by type at compile time instead.
+
+def span(a, n, c, lo, hi):
+    """``a[n, c, lo:hi]``, or None for None (inside jitted code)."""
+
+
+def row(a, r):
+    """``a[r]``, or None for None (inside jitted code)."""
+
+
+@overload(span)
+def _span(a, n, c, lo, hi):
+    if isinstance(a, types.NoneType):
+        return lambda a, n, c, lo, hi: None
+    return lambda a, n, c, lo, hi: a[n, c, lo:hi]
+
+
+@overload(row)
+def _row(a, r):
+    if isinstance(a, types.NoneType):
+        return lambda a, r: None
+    return lambda a, r: a[r]
+
+
+# --- non-temporal (streaming) stores -----------------------------------------
+# Writing an array much larger than the caches through them costs a read of
+# every line before it is written (write-allocate): a third more traffic for
+# y = f(x). These intrinsics compute one 64-byte vector of output and store it
+# with a non-temporal store, which skips that read. The arithmetic is the
+# scalar loops' own, operation for operation (float64, no fused multiply-add),
+# so the bits are the same; the destination must be 64-byte aligned.
+
+#: Bytes of one streamed vector (and the alignment its destination needs).
+STREAM_BYTES = 64
+
+
+def _vector_type(context, arrty):
+    elt = context.get_value_type(arrty.dtype)
+    return ir.VectorType(elt, STREAM_BYTES // context.get_abi_sizeof(elt))
+
+
+def _load(context, builder, arrty, arr, i, as_double):
+    """The vector at ``arr[i:]`` (unaligned), widened to float64 if asked."""
+    vt = _vector_type(context, arrty)
+    data = context.make_array(arrty)(context, builder, arr).data
+    v = builder.load(builder.bitcast(builder.gep(data, [i]), vt.as_pointer()),
+                     align=context.get_abi_sizeof(vt.element))
+    if as_double and vt.element != ir.DoubleType():
+        v = builder.fpext(v, ir.VectorType(ir.DoubleType(), vt.count))
+    return v
+
+
+def _splat(builder, value, count):
+    vt = ir.VectorType(value.type, count)
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), count), [0] * count))
+
+
+def _stream_store(context, builder, arrty, arr, i, v):
+    vt = _vector_type(context, arrty)
+    if vt.element != ir.DoubleType():
+        v = builder.fptrunc(v, vt)
+    data = context.make_array(arrty)(context, builder, arr).data
+    store = builder.store(v, builder.bitcast(builder.gep(data, [i]), vt.as_pointer()),
+                          align=STREAM_BYTES)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+
+@intrinsic
+def stream_axpb(typingctx, x, i, a, b, relu, out):
+    """``out[i:i+w] = x[i:i+w] * a + b`` (then ``0.0 if v < 0.0 else v`` if
+    ``relu``), ``w = STREAM_BYTES / itemsize``, stored non-temporally."""
+    def codegen(context, builder, sig, args):
+        xv, iv, av, bv, rv, ov = args
+        w = _vector_type(context, sig.args[0]).count
+        v = builder.fmul(_load(context, builder, sig.args[0], xv, iv, True), _splat(builder, av, w))
+        v = builder.fadd(v, _splat(builder, bv, w))
+        zero = ir.Constant(v.type, None)
+        negative = builder.and_(builder.fcmp_ordered("<", v, zero),
+                                _splat(builder, builder.trunc(rv, ir.IntType(1))
+                                       if rv.type != ir.IntType(1) else rv, w))
+        _stream_store(context, builder, sig.args[5], ov, iv, builder.select(negative, zero, v))
+        return context.get_dummy_value()
+    return types.void(x, types.intp, types.float64, types.float64, types.boolean, out), codegen
+
+
+@intrinsic
+def stream_grad_input(typingctx, dy, x, mask, i, a, b, c, mean, out):
+    """``out[i:i+w] = g * a + (x - mean) * b + c`` stored non-temporally, with
+    ``g = dy``, or ``g = dy + 0.0 if mask > 0 else 0.0`` unless ``mask`` is None."""
+    masked = not isinstance(mask, types.NoneType)
+
+    def codegen(context, builder, sig, args):
+        dyv, xv, mv, iv, av, bv, cv, meanv, ov = args
+        w = _vector_type(context, sig.args[1]).count
+        g = _load(context, builder, sig.args[0], dyv, iv, True)
+        zero = ir.Constant(g.type, None)
+        if masked:
+            m = _load(context, builder, sig.args[2], mv, iv, True)
+            g = builder.select(builder.fcmp_ordered(">", m, zero), builder.fadd(g, zero), zero)
+        t = builder.fsub(_load(context, builder, sig.args[1], xv, iv, True), _splat(builder, meanv, w))
+        v = builder.fadd(builder.fmul(g, _splat(builder, av, w)),
+                         builder.fmul(t, _splat(builder, bv, w)))
+        _stream_store(context, builder, sig.args[8], ov, iv, builder.fadd(v, _splat(builder, cv, w)))
+        return context.get_dummy_value()
+    f8 = types.float64
+    return types.void(dy, x, mask, types.intp, f8, f8, f8, f8, out), codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """``sfence`` (a full fence off x86): order this thread's non-temporal
+    stores before what follows."""
+    def codegen(context, builder, sig, args):
+        if builder.module.triple.startswith(("x86_64", "i386", "i686")):
+            fn = ir.FunctionType(ir.VoidType(), [])
+            builder.call(builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=fn), [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.void(), codegen

@@ -27,7 +27,8 @@ where ``y > 0`` is false, as the ReLU backward does.
 import numpy as np
 from numba import njit, prange
 
-from ._jit import serial_twin
+from ._jit import (STREAM_BYTES, row, serial_twin, span, store_fence, stream_axpb,
+                   stream_grad_input)
 
 #: Elements whose second moment is taken while they sit in L1.
 BLOCK = 2048
@@ -106,16 +107,39 @@ def _axpb(x, a, b, out):
 
 
 @njit(cache=True)
-def _affine_span(x, a, b, relu, mask, out):
-    if mask is not None:
-        for i in range(x.shape[0]):
-            out[i] = x[i] * a + b if mask[i] > 0 else 0.0
-    elif relu:
+def _axpb_relu(x, a, b, relu, out):
+    if relu:
         for i in range(x.shape[0]):
             v = x[i] * a + b
             out[i] = 0.0 if v < 0.0 else v
     else:
         _axpb(x, a, b, out)
+
+
+@njit(cache=True)
+def _stream_parts(out):
+    """(head, body): ``out[head:body]`` starts 64-byte aligned and holds whole
+    vectors of ``STREAM_BYTES``; the rest is written with plain stores."""
+    n = out.shape[0]
+    head = min((-out.ctypes.data) % STREAM_BYTES // out.itemsize, n)
+    w = STREAM_BYTES // out.itemsize
+    return head, head + (n - head) // w * w
+
+
+@njit(cache=True)
+def _affine_span(x, a, b, relu, mask, stream, out):
+    if mask is not None:
+        for i in range(x.shape[0]):
+            out[i] = x[i] * a + b if mask[i] > 0 else 0.0
+    elif stream:
+        head, body = _stream_parts(out)
+        _axpb_relu(x[:head], a, b, relu, out[:head])
+        for i in range(head, body, STREAM_BYTES // out.itemsize):
+            stream_axpb(x, i, a, b, relu, out)
+        _axpb_relu(x[body:], a, b, relu, out[body:])
+        store_fence()
+    else:
+        _axpb_relu(x, a, b, relu, out)
 
 
 @njit(cache=True)
@@ -133,7 +157,7 @@ def _axpb_columns(x, a, b, relu, mask, out):
 
 
 @njit(cache=True)
-def _grad_input_span(dy, x, mask, a, b, c, mean, out):
+def _grad_input_plain(dy, x, mask, a, b, c, mean, out):
     if mask is None:
         for i in range(x.shape[0]):
             out[i] = dy[i] * a + (x[i] - mean) * b + c
@@ -141,6 +165,26 @@ def _grad_input_span(dy, x, mask, a, b, c, mean, out):
         for i in range(x.shape[0]):
             g = dy[i] + 0.0 if mask[i] > 0 else 0.0
             out[i] = g * a + (x[i] - mean) * b + c
+
+
+@njit(cache=True)
+def _grad_input_span(dy, x, mask, a, b, c, mean, stream, out):
+    if not stream:
+        _grad_input_plain(dy, x, mask, a, b, c, mean, out)
+        return
+    head, body = _stream_parts(out)
+    step = STREAM_BYTES // out.itemsize
+    if mask is None:
+        _grad_input_plain(dy[:head], x[:head], None, a, b, c, mean, out[:head])
+        for i in range(head, body, step):
+            stream_grad_input(dy, x, None, i, a, b, c, mean, out)
+        _grad_input_plain(dy[body:], x[body:], None, a, b, c, mean, out[body:])
+    else:
+        _grad_input_plain(dy[:head], x[:head], mask[:head], a, b, c, mean, out[:head])
+        for i in range(head, body, step):
+            stream_grad_input(dy, x, mask, i, a, b, c, mean, out)
+        _grad_input_plain(dy[body:], x[body:], mask[body:], a, b, c, mean, out[body:])
+    store_fence()
 
 
 @njit(cache=True)
@@ -253,10 +297,6 @@ def _sum_parts(parts):
 
 
 # --- tasks -------------------------------------------------------------------
-# Task t of the planes layout is chunk k = t % K of plane (n, c), K chunks per
-# plane; its partial state goes to [n * K + k, c]. Task p of the rows layout
-# is rows [p * rows_per_chunk, (p + 1) * rows_per_chunk); its state to [p, c].
-
 @njit(cache=True)
 def _n_chunks(m, chunk):
     return (m + chunk - 1) // chunk
@@ -300,7 +340,7 @@ def _row_grad_sums_task(p, x, dy, mask, mean, rows_per_chunk, channels, inner, s
     col_dy = np.zeros(width)
     col_dyx = np.zeros(width)
     for r in range(r0, r1):
-        _add_grad_columns(col_dy, col_dyx, x[r], dy[r], None if mask is None else mask[r], mean)
+        _add_grad_columns(col_dy, col_dyx, x[r], dy[r], row(mask, r), mean)
     s_dy[p] = _fold_columns(col_dy, channels, inner, None)
     s_dyx[p] = _fold_columns(col_dyx, channels, inner, None)
 
@@ -331,13 +371,14 @@ def row_moments(x, rows_per_chunk, channels, inner, counts):
 
 
 @njit(parallel=True, cache=True)
-def plane_affine(x, scale, shift, chunk, relu, mask, out):
+def plane_affine(x, scale, shift, chunk, relu, mask, stream, out):
     """``out = x * scale[c] + shift[c]`` for ``x`` (N, C, M); ReLU'd if
-    ``relu``; 0 where ``mask > 0`` is false unless ``mask`` is None."""
+    ``relu``; 0 where ``mask > 0`` is false unless ``mask`` is None; with
+    non-temporal stores if ``stream``."""
     for t in prange(x.shape[0] * x.shape[1] * _n_chunks(x.shape[2], chunk)):
         n, c, lo, hi, _ = _plane_task(t, x.shape, chunk)
         _affine_span(x[n, c, lo:hi], scale[c], shift[c], relu,
-                     None if mask is None else mask[n, c, lo:hi], out[n, c, lo:hi])
+                     span(mask, n, c, lo, hi), stream, out[n, c, lo:hi])
 
 
 @njit(parallel=True, cache=True)
@@ -346,7 +387,7 @@ def row_affine(x, scale, shift, channels, inner, relu, mask, out):
     a = _expand(scale, channels, inner, x.shape[1])
     b = _expand(shift, channels, inner, x.shape[1])
     for r in prange(x.shape[0]):
-        _axpb_columns(x[r], a, b, relu, None if mask is None else mask[r], out[r])
+        _axpb_columns(x[r], a, b, relu, row(mask, r), out[r])
 
 
 @njit(parallel=True, cache=True)
@@ -359,7 +400,7 @@ def plane_grad_sums(x, dy, mask, mean, chunk):
     for t in prange(parts * x.shape[1]):
         n, c, lo, hi, part = _plane_task(t, x.shape, chunk)
         s_dy[part, c], s_dyx[part, c] = _grad_dot(
-            x[n, c, lo:hi], dy[n, c, lo:hi], None if mask is None else mask[n, c, lo:hi], mean[c])
+            x[n, c, lo:hi], dy[n, c, lo:hi], span(mask, n, c, lo, hi), mean[c])
     return _sum_parts(s_dy), _sum_parts(s_dyx)
 
 
@@ -376,14 +417,14 @@ def row_grad_sums(x, dy, mask, mean, rows_per_chunk, channels, inner):
 
 
 @njit(parallel=True, cache=True)
-def plane_grad_input(dy, x, mask, a, b, c, mean, chunk, out):
+def plane_grad_input(dy, x, mask, a, b, c, mean, chunk, stream, out):
     """``out = g * a + (x - mean) * b + c`` per channel for (N, C, M) arrays,
-    ``g`` as in :func:`plane_grad_sums`."""
+    ``g`` as in :func:`plane_grad_sums`; non-temporal stores if ``stream``."""
     for t in prange(x.shape[0] * x.shape[1] * _n_chunks(x.shape[2], chunk)):
         n, ch, lo, hi, _ = _plane_task(t, x.shape, chunk)
         _grad_input_span(dy[n, ch, lo:hi], x[n, ch, lo:hi],
-                         None if mask is None else mask[n, ch, lo:hi],
-                         a[ch], b[ch], c[ch], mean[ch], out[n, ch, lo:hi])
+                         span(mask, n, ch, lo, hi),
+                         a[ch], b[ch], c[ch], mean[ch], stream, out[n, ch, lo:hi])
 
 
 @njit(parallel=True, cache=True)
@@ -393,7 +434,7 @@ def row_grad_input(dy, x, mask, a, b, c, mean, channels, inner, out):
     ea, eb = _expand(a, channels, inner, w), _expand(b, channels, inner, w)
     ec, em = _expand(c, channels, inner, w), _expand(mean, channels, inner, w)
     for r in prange(x.shape[0]):
-        _grad_input_columns(dy[r], x[r], None if mask is None else mask[r], ea, eb, ec, em, out[r])
+        _grad_input_columns(dy[r], x[r], row(mask, r), ea, eb, ec, em, out[r])
 
 
 @njit(cache=True)
@@ -405,13 +446,14 @@ def update_running(running_mean, running_var, mean, unbiased_var, factor):
 
 
 @njit(parallel=True, cache=True)
-def stream_axpb(x, a, b, chunk, out):
+def bandwidth_probe(x, a, b, chunk, stream, out):
     """``out = x * a + b`` over 1-D arrays in ``chunk``s: the memory
-    bandwidth probe of ``python -m nbbn bench`` (the loop of :func:`plane_affine`)."""
+    bandwidth probe of ``python -m nbbn bench`` (the loop of :func:`plane_affine`,
+    with non-temporal stores if ``stream``, as it has for large arrays)."""
     for t in prange(_n_chunks(x.shape[0], chunk)):
         lo = t * chunk
         hi = min(lo + chunk, x.shape[0])
-        _axpb(x[lo:hi], a, b, out[lo:hi])
+        _affine_span(x[lo:hi], a, b, False, None, stream, out[lo:hi])
 
 
 # Serial twins: the same code without thread launches, for small inputs.

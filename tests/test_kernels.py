@@ -43,12 +43,13 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
         chunk = _engine.PLANE_CHUNK
         _assert_same([(r, out) for r, _ in _run_both(layout, "plane_moments", v, chunk, counts)])
         for relu, mask in ((False, None), (True, None), (False, v)):
-            _assert_same(_run_both(layout, "plane_affine", v, scale, shift, chunk, relu, mask, out))
+            _assert_same(_run_both(layout, "plane_affine", v, scale, shift, chunk, relu, mask,
+                                   False, out))
         for mask in (None, v):
             _assert_same([(r, out) for r, _ in
                           _run_both(layout, "plane_grad_sums", v, g, mask, mean, chunk)])
             _assert_same(_run_both(layout, "plane_grad_input", g, v, mask, scale, shift, mean,
-                                   mean, chunk, out))
+                                   mean, chunk, False, out))
     else:
         rpc, inner = layout.rows_per_chunk, layout.inner
         _assert_same([(r, out) for r, _ in
@@ -65,3 +66,38 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
 def test_small_inputs_take_the_serial_twins_large_ones_the_parallel_kernels():
     assert _engine.layout_of((2, 4, 64, 64), 1).serial
     assert not _engine.layout_of((4, 4, 64, 64), 1).serial
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_streaming_stores_give_the_same_bits(dtype, offset):
+    """Non-temporal stores (large outputs) compute what the plain loops do,
+    for any alignment of the output: ReLU, mask, and -0.0/NaN/inf included."""
+    k = _engine.kernels()
+    rng = np.random.default_rng(3)
+    shape = (2, 3, 1000)
+    x = rng.standard_normal(shape).astype(dtype)
+    x.flat[::7] = 0.0
+    x.flat[1::11] = -0.0
+    x[0, 1, 5], x[1, 2, 9], x[0, 0, 100] = np.nan, np.inf, -np.inf
+    dy, m = rng.standard_normal((2,) + shape).astype(dtype)
+    dy.flat[::5] = -0.0
+    m.flat[::3] = 0.0
+    scale, shift, mean = rng.standard_normal((3, 3))
+    shift[1] = -0.0
+    for relu, mask in ((False, None), (True, None), (False, m)):
+        outs = []
+        for stream in (False, True):
+            buf = np.full(x.size + offset, 7, dtype)
+            out = buf[offset:].reshape(shape)
+            k.plane_affine(x, scale, shift, 128, relu, mask, stream, out)
+            outs.append(out.view(f"u{x.itemsize}"))
+        np.testing.assert_array_equal(*outs)
+    for mask in (None, m):
+        outs = []
+        for stream in (False, True):
+            buf = np.full(x.size + offset, 7, dtype)
+            out = buf[offset:].reshape(shape)
+            k.plane_grad_input(dy, x, mask, scale, shift, mean, mean, 300, stream, out)
+            outs.append(out.view(f"u{x.itemsize}"))
+        np.testing.assert_array_equal(*outs)

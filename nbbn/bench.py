@@ -1,0 +1,351 @@
+"""``python -m nbbn bench``: is nbbn fast here?
+
+Measures this machine's memory bandwidth (a Numba kernel streaming
+``y = a * x + b`` over buffers far larger than the last-level cache), then,
+for each shape and operation, the median time of nbbn, of a plain NumPy
+batch norm and of PyTorch (when installed), the speedups, and the fraction of
+the memory roofline nbbn reaches: traffic / bandwidth / nbbn time, with the
+traffic of the minimal passes over memory (:data:`TRAFFIC`).
+
+nbbn writes into preallocated outputs (``out=``, as a training loop would);
+NumPy and torch are called as their users call them, allocating their
+outputs (``--engines ... torch-out`` adds torch writing into preallocated
+outputs too). The engines live in :mod:`nbbn._bench_engines`, shared with
+the asv suite in ``asv_bench/``.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from ._bench_engines import DEFAULT_ENGINES, ENGINES, OPERATIONS, TRAFFIC, make_inputs
+
+__all__ = ["DEFAULT_CASES", "BandwidthProbe", "measure_bandwidth", "calibrate", "sample",
+           "time_call", "run", "format_table", "startup_times", "plot", "add_arguments", "main"]
+
+BASIC_OPS = ("forward-train", "forward-eval", "backward")
+DEFAULT_SHAPES = ((64, 64, 112, 112), (32, 256, 28, 28), (4096, 1024), (8, 16, 32, 32),
+                  (256, 64))
+#: (shape, operation) of the default run: every basic operation on every
+#: default shape, and the fused ReLU training step on the largest.
+DEFAULT_CASES = tuple((s, op) for s in DEFAULT_SHAPES for op in BASIC_OPS) + (
+    ((64, 64, 112, 112), "relu-step"),)
+#: A sample lasts at least this long (calls are repeated within it).
+MIN_SAMPLE_S = 0.02
+#: Calls slower than this get only 3 samples, whatever ``repeat`` says.
+SLOW_CALL_S = 0.25
+
+
+class BandwidthProbe:
+    """Memory bandwidth in bytes/s: read + write of ``y = a * x + b`` over
+    float32 buffers of ``nbytes`` each (default: 8x the last-level cache, at
+    least 256 MiB), with the kernel loop and stores nbbn's affine pass uses
+    on arrays that size. :meth:`sample` times one pass."""
+
+    def __init__(self, nbytes=None):
+        from ._engine import PLANE_CHUNK, _stream, kernels, last_level_cache_bytes
+        nbytes = nbytes or max(256 << 20, 8 * last_level_cache_bytes())
+        self.x = np.ones(nbytes // 4, dtype=np.float32)
+        self.y = np.empty_like(self.x)
+        self.args = (self.x, 1.5, 0.5, PLANE_CHUNK, _stream(self.y), self.y)
+        self.kernel = kernels().bandwidth_probe
+        self.kernel(*self.args)  # compile (or load), fault the pages in
+
+    def sample(self):
+        t = time.perf_counter()
+        self.kernel(*self.args)
+        return 2 * self.x.nbytes / (time.perf_counter() - t)
+
+
+def measure_bandwidth(repeat=9, nbytes=None):
+    """Median bandwidth of ``repeat`` probes (see :class:`BandwidthProbe`):
+    ``(median, samples)`` in bytes/s."""
+    probe = BandwidthProbe(nbytes)
+    samples = [probe.sample() for _ in range(repeat)]
+    return float(np.median(samples)), samples
+
+
+def calibrate(fn):
+    """``(calls per sample, seconds of the first call)``: enough calls of
+    ``fn()`` to last ``MIN_SAMPLE_S``. The first call compiles or loads
+    kernels and faults pages in; it is not a sample."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    fn()
+    again = time.perf_counter() - t
+    return max(1, math.ceil(MIN_SAMPLE_S / max(again, 1e-7))), first
+
+
+def sample(fn, loops):
+    """Seconds per call of ``fn()`` over ``loops`` calls."""
+    t = time.perf_counter()
+    for _ in range(loops):
+        fn()
+    return (time.perf_counter() - t) / loops
+
+
+def time_call(fn, repeat):
+    """Median seconds per call of ``fn()`` (see :func:`calibrate`):
+    ``(median, samples, calls_per_sample)``."""
+    loops, first = calibrate(fn)
+    samples = [sample(fn, loops) for _ in range(min(repeat, 3) if first > SLOW_CALL_S else repeat)]
+    return float(np.median(samples)), samples, loops
+
+
+def run(cases=DEFAULT_CASES, dtype=np.float32, engines=DEFAULT_ENGINES, threads=None,
+        repeat=7, progress=None):
+    """Measure ``cases`` ((shape, operation) pairs); return a dict (the JSON).
+
+    For each case the engines are timed in rounds, each round one sample of
+    every engine and one of the bandwidth probe, so that a machine whose
+    speed drifts (a shared host) shifts all of them alike; each figure is
+    the median of its samples, the roofline uses the case's own bandwidth.
+    Engines whose first call takes over ``SLOW_CALL_S`` get 3 samples.
+    ``threads`` sets ``numba.set_num_threads`` and ``torch.set_num_threads``
+    (default: numba's). ``progress(text)`` is called as the run goes.
+    """
+    import numba
+    threads = threads or numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(threads)
+    say = progress or (lambda text: None)
+    say("memory bandwidth probe")
+    probe = BandwidthProbe()
+    dtype = np.dtype(dtype)
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "machine": _machine(threads), "dtype": dtype.name, "repeat": repeat,
+              "cases": []}
+    all_bw = []
+    for i, (shape, op) in enumerate(cases):
+        say(f"[{i + 1}/{len(cases)}] {'x'.join(map(str, shape))} {op}")
+        x, dy = make_inputs(shape, dtype)
+        timed = {}
+        for name in engines:
+            if op not in ENGINES[name].operations:
+                continue
+            try:
+                fn = ENGINES[name](x, dy, threads=threads).operation(op)
+            except NotImplementedError:  # torch not installed
+                continue
+            loops, first = calibrate(fn)
+            timed[name] = (fn, loops, 3 if first > SLOW_CALL_S else repeat, [])
+        bw = []
+        for r in range(repeat):
+            bw.append(probe.sample())
+            for fn, loops, rounds, samples in timed.values():
+                if r < rounds:
+                    samples.append(sample(fn, loops))
+        all_bw += bw
+        case = {"shape": list(shape), "operation": op, "traffic_bytes": TRAFFIC[op] * x.nbytes,
+                "bandwidth_bytes_per_s": float(np.median(bw)),
+                "seconds": {k: float(np.median(v[3])) for k, v in timed.items()},
+                "samples": {k: v[3] for k, v in timed.items()}, "bandwidth_samples": bw}
+        _derive(case, case["bandwidth_bytes_per_s"])
+        result["cases"].append(case)
+        del timed, x, dy
+    result["bandwidth_bytes_per_s"] = float(np.median(all_bw))
+    result["bandwidth_samples"] = all_bw
+    return result
+
+
+def _derive(case, bandwidth):
+    """Speedups of nbbn over the others and its roofline fraction."""
+    secs = case["seconds"]
+    if "nbbn" not in secs:
+        return
+    case["speedup"] = {k: v / secs["nbbn"] for k, v in secs.items() if k != "nbbn"}
+    case["roofline"] = case["traffic_bytes"] / bandwidth / secs["nbbn"]
+
+
+def _machine(threads):
+    import numba
+    info = {"platform": platform.platform(), "processor": platform.processor(),
+            "cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "numpy": np.__version__, "numba": numba.__version__}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    try:
+        info["threading_layer"] = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run
+        pass
+    return info
+
+
+def _fmt_time(s):
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def _fmt_ratio(r):
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _table(cases, engines, labels):
+    others = [e for e in engines if e != "nbbn"]
+    head = ["shape"] + (["operation"] if labels is None else []) + [
+        labels.get(e, e) if labels else e for e in engines] + [
+        f"vs {labels.get(e, e) if labels else e}" for e in others] + ["roofline"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cases:
+        s, r = c["seconds"], c.get("speedup", {})
+        row = [str(tuple(c["shape"]))] + ([c["operation"]] if labels is None else [])
+        row += [_fmt_time(s.get(e)) for e in engines] + [_fmt_ratio(r.get(e)) for e in others]
+        row.append(f"{c['roofline']:.2f}" if "roofline" in c else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def format_table(result):
+    """The result as Markdown tables (the basic operations, then the fused ReLU)."""
+    bw = result["bandwidth_bytes_per_s"]
+    m = result["machine"]
+    lines = [f"nbbn bench, {result['date'][:10]}, {m['threads']} threads, {result['dtype']}, "
+             f"memory bandwidth {bw / 1e9:.1f} GB/s (median of {len(result['bandwidth_samples'])}"
+             f" probes taken between the samples; each case's roofline uses its own)", ""]
+    basic = [c for c in result["cases"] if c["operation"] != "relu-step"]
+    fused = [c for c in result["cases"] if c["operation"] == "relu-step"]
+    if basic:
+        names = [e for e in ENGINES if any(e in c["seconds"] for c in basic)]
+        lines += _table(basic, names, None)
+    if fused:
+        names = [e for e in ("nbbn", "nbbn+numpy-relu", "torch")
+                 if any(e in c["seconds"] for c in fused)]
+        lines += ["", "Fused ReLU, one training step (forward + backward):", ""]
+        lines += _table(fused, names, {"nbbn": "nbbn activation='relu'",
+                                       "nbbn+numpy-relu": "nbbn + NumPy ReLU",
+                                       "torch": "torch relu(bn)"})
+    if "startup" in result:
+        st = result["startup"]
+        lines += ["", f"import nbbn: {st['import_s']:.3f} s; first forward+backward in a new "
+                      f"process, warm cache: {st['first_call_warm_s']:.3f} s; with an empty "
+                      f"cache (compile): {st['first_call_cold_s']:.1f} s"]
+    return "\n".join(lines)
+
+
+_FIRST_CALL = """
+import time
+t0 = time.perf_counter()
+import numpy as np, nbbn
+t1 = time.perf_counter()
+x = np.random.default_rng(0).standard_normal((8, 16, 64, 64)).astype(np.float32)
+bn = nbbn.BatchNorm(16)
+t2 = time.perf_counter()
+bn.backward(bn(x))
+t3 = time.perf_counter()
+print(t1 - t0, t3 - t2)
+"""
+
+
+def startup_times(repeat=3):
+    """Seconds, each in fresh processes (medians): ``import nbbn``; the first
+    training forward+backward with numba's cache warm, and with it empty."""
+    def fresh(env=None):
+        out = subprocess.run([sys.executable, "-c", _FIRST_CALL], capture_output=True,
+                             text=True, check=True, env=env)
+        return [float(v) for v in out.stdout.split()]
+    fresh()  # warm the cache
+    warm = [fresh() for _ in range(repeat)]
+    with tempfile.TemporaryDirectory() as cache:
+        cold = fresh(dict(os.environ, NUMBA_CACHE_DIR=cache))
+    return {"import_s": float(np.median([w[0] for w in warm])),
+            "first_call_warm_s": float(np.median([w[1] for w in warm])),
+            "first_call_cold_s": cold[1]}
+
+
+def plot(result, path):
+    """A PNG bar chart of nbbn's roofline fraction per case (needs matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = [c for c in result["cases"] if "roofline" in c]
+    labels = [f"{'x'.join(map(str, c['shape']))}\n{c['operation']}" for c in cases]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(cases)), 4.5))
+    ax.bar(range(len(cases)), [c["roofline"] for c in cases], color="tab:blue")
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(cases)), labels, rotation=90, fontsize=7)
+    ax.set_ylabel("fraction of the memory roofline")
+    ax.set_title(f"nbbn, {result['machine']['threads']} threads, {result['dtype']}, "
+                 f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _shape(text):
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 64x64x112x112, got {text!r}")
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected a shape of 2 or more positive sizes, got {text!r}")
+    return shape
+
+
+def add_arguments(parser):
+    """Add the bench's options to an ``argparse`` parser."""
+    parser.add_argument("--threads", type=int, help="threads for nbbn and torch "
+                        "(default: numba's, NUMBA_NUM_THREADS)")
+    parser.add_argument("--shapes", type=_shape, nargs="+", metavar="SHAPE",
+                        help="(N, C, ...) shapes like 64x64x112x112 (default: the issue's set)")
+    parser.add_argument("--ops", nargs="+", choices=OPERATIONS, metavar="OP",
+                        help=f"operations, of {', '.join(OPERATIONS)} (default: the first "
+                             "three, and relu-step on the largest default shape)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--engines", nargs="+", choices=tuple(ENGINES), default=DEFAULT_ENGINES,
+                        metavar="ENGINE", help=f"of {', '.join(ENGINES)} (default: all but "
+                                               "torch-out, torch writing into preallocated outputs)")
+    parser.add_argument("--repeat", type=int, default=7, help="samples per figure (7)")
+    parser.add_argument("--startup", action="store_true",
+                        help="also time import, first call, and a cold compile (~30 s)")
+    parser.add_argument("--json", metavar="PATH", help="write every figure here as JSON")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="write a PNG bar chart of the roofline fractions (extra 'plot')")
+    return parser
+
+
+def main(args):
+    """Run the bench from parsed ``args``; print the table; return 0."""
+    import numba
+    if args.repeat < 1:
+        raise SystemExit(f"bench: --repeat must be >= 1, got {args.repeat}")
+    if args.threads is not None and not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+        raise SystemExit(f"bench: --threads must be in 1..{numba.config.NUMBA_NUM_THREADS} "
+                         f"(NUMBA_NUM_THREADS), got {args.threads}")
+    if args.plot:
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:
+            raise SystemExit("bench: --plot needs matplotlib: pip install 'nbbn[plot]'")
+    if args.shapes is None and args.ops is None:
+        cases = DEFAULT_CASES
+    else:
+        cases = tuple((s, op) for s in (args.shapes or DEFAULT_SHAPES)
+                      for op in (args.ops or BASIC_OPS))
+
+    def progress(text):
+        print(f"  ... {text}", file=sys.stderr, flush=True)
+
+    result = run(cases, args.dtype, tuple(args.engines), args.threads, args.repeat,
+                 progress=progress)
+    if args.startup:
+        progress("import time, first call, cold compile (fresh processes)")
+        result["startup"] = startup_times()
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.plot:
+        plot(result, args.plot)
+    return 0
