@@ -149,8 +149,21 @@ def merge_moments(counts, means, m2s):
 
 
 def update_running(running_mean, running_var, mean, unbiased_var, factor):
-    """``running = (1 - factor) * running + factor * batch``, in place."""
-    kernels().update_running(running_mean, running_var, mean, unbiased_var, factor)
+    """``running = (1 - factor) * running + factor * batch``, in place, unless
+    the batch statistics are not finite; return whether it updated."""
+    return kernels().update_running(running_mean, running_var, mean, unbiased_var, factor)
+
+
+def coefficients(mean, var, weight, bias, eps):
+    """``(invstd, scale, shift)`` float64 (C,): ``y = x * scale + shift`` is
+    ``(x - mean) / sqrt(var + eps) * weight + bias`` (weight, bias: None or float64)."""
+    return kernels().coefficients(mean, var, weight, bias, eps)
+
+
+def backward_coefficients(s_dy, s_dyx, invstd, weight, count):
+    """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c`` (float64 (C,)) from
+    ``s_dy = sum(dy)``, ``s_dyx = sum(dy * (x - mean))`` over ``count`` values."""
+    return kernels().backward_coefficients(s_dy, s_dyx, invstd, weight, float(count))
 
 
 def moments(x, layout):

@@ -6,7 +6,8 @@ import numpy as np
 
 from . import _cuda
 from . import _validation as check
-from ._engine import affine, grad_input, grad_sums, layout_of, moments, update_running
+from ._engine import (affine, backward_coefficients, coefficients, grad_input, grad_sums,
+                      layout_of, moments, update_running)
 
 __all__ = ["batch_norm", "native_batch_norm", "batch_norm_backward"]
 
@@ -104,19 +105,16 @@ def normalize(x, layout, mean, var, weight, bias, eps, out, relu=False):
     """Write ``(x - mean) / sqrt(var + eps) * weight + bias`` into ``out``
     (then ``max(out, 0)`` if ``relu``); return ``(out, invstd)``. Inputs
     already validated, statistics float64."""
-    invstd = 1.0 / np.sqrt(var + eps)
-    scale = invstd if weight is None else weight * invstd
-    shift = -mean * scale if bias is None else bias - mean * scale
+    invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
     return affine(x, layout, scale, shift, out, relu=relu), invstd
 
 
 def _update_running(running_mean, running_var, mean, var, count, factor):
     """Update the running statistics unless the batch's are not finite."""
-    if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+    if not update_running(running_mean, running_var, mean, var * (count / (count - 1)), factor):
         warnings.warn("batch statistics are not finite (NaN or Inf in the input): "
                       "running statistics were not updated", RuntimeWarning, stacklevel=4)
         return False
-    update_running(running_mean, running_var, mean, var * (count / (count - 1)), factor)
     return True
 
 
@@ -186,5 +184,4 @@ def grad_coefficients(s_dy, s_dyx, invstd, weight, count):
     """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c`` for batch statistics
     over ``count`` values per channel, from the per-channel sums ``s_dy = sum(dy)``
     and ``s_dyx = sum(dy * (x - mean))`` over those values (all float64)."""
-    a = invstd if weight is None else weight * invstd
-    return a, -a * invstd * (s_dyx * invstd) / count, -a * s_dy / count
+    return backward_coefficients(s_dy, s_dyx, invstd, weight, count)

@@ -230,16 +230,24 @@ def _fold_columns(col, channels, inner, center):
     """Per channel, the sum over its ``tiles * inner`` columns of ``col``, or
     of ``(col - center[c])**2`` unless ``center`` is None; tiles in order."""
     out = np.zeros(channels)
-    j = 0
-    for _ in range(col.shape[0] // (channels * inner)):
-        for c in range(channels):
-            if inner == 1:  # what the span loops below give for one column
-                v = col[j] if center is None else (col[j] - center[c]) * (col[j] - center[c])
-            elif center is None:
-                v = _sum(col[j:j + inner])
+    tiles = col.shape[0] // (channels * inner)
+    if inner == 1:  # one column per channel and tile: what the span loops give
+        for t in range(tiles):
+            tile = col[t * channels:(t + 1) * channels]
+            if center is None:
+                for c in range(channels):
+                    out[c] += tile[c]
             else:
-                v = _sum_squared_deviations(col[j:j + inner], center[c])
-            out[c] += v
+                for c in range(channels):
+                    out[c] += (tile[c] - center[c]) * (tile[c] - center[c])
+        return out
+    j = 0
+    for _ in range(tiles):
+        for c in range(channels):
+            if center is None:
+                out[c] += _sum(col[j:j + inner])
+            else:
+                out[c] += _sum_squared_deviations(col[j:j + inner], center[c])
             j += inner
     return out
 
@@ -439,10 +447,33 @@ def row_grad_input(dy, x, mask, a, b, c, mean, channels, inner, out):
 
 @njit(cache=True)
 def update_running(running_mean, running_var, mean, unbiased_var, factor):
-    """Exponential moving average of the statistics, in place."""
+    """Exponential moving average of the statistics, in place, unless one of
+    ``mean``, ``unbiased_var`` is not finite; return whether it updated."""
+    for c in range(mean.shape[0]):
+        if not (np.isfinite(mean[c]) and np.isfinite(unbiased_var[c])):
+            return False
     for c in range(running_mean.shape[0]):
         running_mean[c] = (1.0 - factor) * running_mean[c] + factor * mean[c]
         running_var[c] = (1.0 - factor) * running_var[c] + factor * unbiased_var[c]
+    return True
+
+
+@njit(cache=True)
+def coefficients(mean, var, weight, bias, eps):
+    """``(invstd, scale, shift)`` of ``y = x * scale + shift`` per channel;
+    ``weight``, ``bias`` may be None."""
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd.copy() if weight is None else weight * invstd
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return invstd, scale, shift
+
+
+@njit(cache=True)
+def backward_coefficients(s_dy, s_dyx, invstd, weight, count):
+    """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c`` per channel, for
+    batch statistics over ``count`` values; ``weight`` may be None."""
+    a = invstd.copy() if weight is None else weight * invstd
+    return a, -a * invstd * (s_dyx * invstd) / count, -a * s_dy / count
 
 
 @njit(parallel=True, cache=True)
