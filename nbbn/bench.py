@@ -29,7 +29,8 @@ import numpy as np
 from ._bench_engines import DEFAULT_ENGINES, ENGINES, OPERATIONS, TRAFFIC, make_inputs
 
 __all__ = ["DEFAULT_CASES", "BandwidthProbe", "measure_bandwidth", "calibrate", "sample",
-           "time_call", "run", "format_table", "startup_times", "plot", "add_arguments", "main"]
+           "time_call", "run", "format_table", "first_call_seconds", "startup_times", "plot",
+           "add_arguments", "main"]
 
 BASIC_OPS = ("forward-train", "forward-eval", "backward")
 DEFAULT_SHAPES = ((64, 64, 112, 112), (32, 256, 28, 28), (4096, 1024), (8, 16, 32, 32),
@@ -249,17 +250,31 @@ print(t1 - t0, t3 - t2)
 """
 
 
-def startup_times(repeat=3):
-    """Seconds, each in fresh processes (medians): ``import nbbn``; the first
-    training forward+backward with numba's cache warm, and with it empty."""
-    def fresh(env=None):
-        out = subprocess.run([sys.executable, "-c", _FIRST_CALL], capture_output=True,
-                             text=True, check=True, env=env)
-        return [float(v) for v in out.stdout.split()]
-    fresh()  # warm the cache
-    warm = [fresh() for _ in range(repeat)]
+def first_call_seconds(cache_dir=None, threads=None):
+    """``(import nbbn, first training forward + backward)`` in seconds, timed
+    inside a fresh interpreter, on an (8, 16, 64, 64) float32 batch (big
+    enough for the parallel kernels); ``cache_dir`` sets ``NUMBA_CACHE_DIR``
+    (an empty one: a cold compile), ``threads`` ``NUMBA_NUM_THREADS``."""
+    env = dict(os.environ)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    if threads is not None:
+        env["NUMBA_NUM_THREADS"] = str(threads)
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALL], capture_output=True, text=True,
+                         check=True, env=env)
+    first, call = (float(v) for v in out.stdout.split())
+    return first, call
+
+
+def startup_times(repeat=3, threads=None):
+    """Medians over fresh processes: ``import nbbn``, and the first training
+    forward+backward with numba's cache warm; then one with it empty."""
+    first_call_seconds(threads=threads)  # warm the cache
+    warm = [first_call_seconds(threads=threads) for _ in range(repeat)]
     with tempfile.TemporaryDirectory() as cache:
-        cold = fresh(dict(os.environ, NUMBA_CACHE_DIR=cache))
+        cold = first_call_seconds(cache, threads)
     return {"import_s": float(np.median([w[0] for w in warm])),
             "first_call_warm_s": float(np.median([w[1] for w in warm])),
             "first_call_cold_s": cold[1]}
@@ -341,7 +356,7 @@ def main(args):
                  progress=progress)
     if args.startup:
         progress("import time, first call, cold compile (fresh processes)")
-        result["startup"] = startup_times()
+        result["startup"] = startup_times(threads=result["machine"]["threads"])
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,32 @@
+"""Forward (training, evaluation) and backward of one batch norm, per engine."""
+import numpy as np
+
+from . import THREADS, pin_threads
+
+#: The shapes of the issue's targets (N, C, ...), channels on axis 1.
+SHAPES = [(64, 64, 112, 112), (32, 256, 28, 28), (4096, 1024), (8, 16, 32, 32), (256, 64)]
+ENGINES = ["nbbn", "numpy", "torch", "torch-out"]
+DTYPES = ["float32", "float64"]
+OPERATIONS = ["forward-train", "forward-eval", "backward"]
+
+
+class BatchNorm:
+    """Seconds per call; ``setup`` builds the engine and runs the operation
+    once, so that compiling (or loading) the kernels is never timed."""
+
+    params = [ENGINES, SHAPES, DTYPES, OPERATIONS]
+    param_names = ["engine", "shape", "dtype", "operation"]
+    timeout = 600
+
+    def setup(self, engine, shape, dtype, operation):
+        from nbbn._bench_engines import ENGINES as TABLE, make_inputs
+        pin_threads()
+        x, dy = make_inputs(shape, np.dtype(dtype))
+        self.fn = TABLE[engine](x, dy, threads=THREADS).operation(operation)  # NotImplementedError: skip
+        self.fn()
+
+    def time_batch_norm(self, engine, shape, dtype, operation):
+        self.fn()
+
+    def teardown(self, engine, shape, dtype, operation):
+        self.fn = None

@@ -1,0 +1,120 @@
+"""``python -m nbbn bench`` on tiny shapes: the table, --json, --plot, bad
+options; and the engine table it shares with asv, against the float64
+reference of tests/naive.py."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import naive
+from nbbn import bench
+from nbbn._bench_engines import ENGINES, TRAFFIC, make_inputs
+
+TINY = "4x3x5x5"
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "nbbn", "bench", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_table_and_json(tmp_path):
+    path = tmp_path / "bench.json"
+    r = run_cli("--shapes", TINY, "16x5", "--ops", "forward-train", "forward-eval", "backward",
+                "relu-step", "--repeat", "2", "--threads", "1", "--json", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "[1/8] 4x3x5x5 forward-train" in r.stderr  # progress
+    assert "| (4, 3, 5, 5) | forward-train |" in r.stdout
+    assert "| (16, 5) | backward |" in r.stdout
+    assert "Fused ReLU" in r.stdout
+    result = json.loads(path.read_text())
+    assert result["machine"]["threads"] == 1 and result["dtype"] == "float32"
+    assert result["bandwidth_bytes_per_s"] > 0
+    assert len(result["cases"]) == 8
+    for case in result["cases"]:
+        x_bytes = np.prod(case["shape"]) * 4
+        assert case["traffic_bytes"] == TRAFFIC[case["operation"]] * x_bytes
+        assert case["seconds"]["nbbn"] > 0 and len(case["samples"]["nbbn"]) == 2
+        assert case["roofline"] == pytest.approx(
+            case["traffic_bytes"] / case["bandwidth_bytes_per_s"] / case["seconds"]["nbbn"])
+        others = {"numpy"} if case["operation"] != "relu-step" else {"nbbn+numpy-relu"}
+        assert others <= set(case["speedup"])
+
+
+def test_cli_float64_and_one_engine():
+    r = run_cli("--shapes", "6x4", "--ops", "backward", "--dtype", "float64", "--engines", "nbbn",
+                "--repeat", "1")
+    assert r.returncode == 0, r.stderr
+    assert "float64" in r.stdout and "| (6, 4) | backward |" in r.stdout
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = bench.run([((4, 3, 5), "forward-train"), ((4, 3, 5), "backward")],
+                       engines=("nbbn",), threads=1, repeat=1)
+    path = tmp_path / "roofline.png"
+    bench.plot(result, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--threads", "0"], "--threads"), (["--repeat", "0"], "--repeat"),
+    (["--shapes", "4x"], "shape"), (["--shapes", "7"], "shape"),
+    (["--ops", "sideways"], "invalid choice"), (["--dtype", "float16"], "invalid choice")])
+def test_bad_options_are_refused(args, message):
+    r = run_cli(*args)
+    assert r.returncode != 0 and message in r.stderr
+
+
+def test_format_table_of_a_result():
+    case = {"shape": [2, 3], "operation": "backward", "seconds": {"nbbn": 2e-6, "numpy": 4e-3},
+            "speedup": {"numpy": 2000.0}, "roofline": 0.5}
+    text = bench.format_table({"date": "2026-01-02T03:04:05", "machine": {"threads": 2},
+                               "dtype": "float32", "bandwidth_bytes_per_s": 5e10,
+                               "bandwidth_samples": [5e10], "cases": [case]})
+    assert "2026-01-02, 2 threads, float32" in text and "50.0 GB/s" in text
+    assert "| (2, 3) | backward | 2.0 us | 4.00 ms | 2000.00x | 0.50 |" in text
+
+
+# --- the engine table against the float64 reference -------------------------
+
+@pytest.mark.parametrize("engine", ["nbbn", "numpy", "torch", "torch-out"])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (16, 5)])
+def test_engines_compute_batch_norm(engine, shape):
+    x, dy = make_inputs(shape, np.float64)
+    try:
+        e = ENGINES[engine](x, dy, threads=1)
+    except NotImplementedError:
+        pytest.importorskip("torch")
+        raise
+    w, b = e.weight, e.bias
+    ref, rm, rv, mean, invstd = naive.batch_norm(x, np.zeros(shape[1]), np.ones(shape[1]), w, b,
+                                                  True)
+    np.testing.assert_allclose(np.asarray(e.operation("forward-train")()), ref, rtol=1e-9, atol=1e-9)
+    ref_eval = naive.batch_norm(x, rm, rv, w, b, False)[0]
+    np.testing.assert_allclose(np.asarray(e.operation("forward-eval")()), ref_eval, rtol=1e-9,
+                               atol=1e-9)
+    dx, dw, db = (np.asarray(v).ravel() for v in e.operation("backward")())
+    rdx, rdw, rdb = naive.batch_norm_backward(dy, x, mean, invstd, w, True)
+    np.testing.assert_allclose(dx, rdx.ravel(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(db, rdb, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("engine", ["nbbn", "nbbn+numpy-relu", "torch"])
+def test_engines_compute_the_relu_step(engine):
+    shape = (4, 3, 5, 5)
+    x, dy = make_inputs(shape, np.float64)
+    try:
+        e = ENGINES[engine](x, dy, threads=1)
+    except NotImplementedError:
+        pytest.importorskip("torch")
+        raise
+    ref, _, _, mean, invstd = naive.batch_norm_relu(x, None, None, e.weight, e.bias, True)
+    rdx, rdw, rdb = naive.batch_norm_relu_backward(dy, x, mean, invstd, ref, e.weight, True)
+    dx, dw, db = (np.asarray(v) for v in e.operation("relu-step")())
+    np.testing.assert_allclose(dx, rdx, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(db, rdb, rtol=1e-9, atol=1e-9)
