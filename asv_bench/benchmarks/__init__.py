@@ -2,12 +2,19 @@
 
 The engines are ``nbbn._bench_engines.ENGINES``, the table ``python -m nbbn
 bench`` uses too; threads are pinned (``NBBN_BENCH_THREADS``, default 2) for
-numba and torch alike.
+numba and torch alike. With ``asv run --python=same`` the installed nbbn is
+benchmarked, or, when none is, the checkout this suite lives in.
 """
 import os
+import sys
 
 THREADS = int(os.environ.get("NBBN_BENCH_THREADS", "2"))
 os.environ.setdefault("NUMBA_NUM_THREADS", str(max(THREADS, 1)))
+
+try:
+    import nbbn  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def pin_threads():
