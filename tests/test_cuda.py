@@ -1,19 +1,13 @@
 """The GPU path (nbbn._cuda, nbbn.cuda_kernels) against the CPU path and the
 float64 reference.
 
-These tests need numba.cuda on a GPU or on numba's CUDA simulator, which must
-be switched on (NUMBA_ENABLE_CUDASIM=1) before numba is imported. So: with the
-variable set, or on a machine with a GPU, they run here; otherwise
-``test_simulator_run`` runs this file again in a subprocess with the variable
-set, and the tests skip here. A plain ``python -m pytest`` thus always runs
-them. Launch constants are patched small so that the simulator (one Python
-thread per CUDA thread) stays fast and every merge path is exercised.
+These tests need numba.cuda on a GPU or on numba's CUDA simulator: see
+tests/cudasim.py for how a plain ``python -m pytest`` runs them anyway (in a
+subprocess with NUMBA_ENABLE_CUDASIM=1), with small launch constants.
 """
 import os
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,45 +17,15 @@ from hypothesis import strategies as st
 import naive
 import nbbn
 from conftest import ATOL, DTYPES, RTOL, SHAPES, random_input
+from cudasim import (GPU, REPO, SIMULATOR, here, host, simulator_run,
+                     fast_switching, small_launch)  # noqa: F401 (autouse fixtures)
 from nbbn import _cuda
 from nbbn.functional import batch_norm_backward, forward
 
-REPO = Path(__file__).resolve().parents[1]
-SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-
-
-def _gpu_present():
-    if SIMULATOR:
-        return False
-    from numba import cuda
-    return cuda.is_available()
-
-
-GPU = _gpu_present()
-here = pytest.mark.skipif(not (SIMULATOR or GPU), reason="runs in test_simulator_run's subprocess")
-#: SHAPES plus the rows-layout corners of the small launch below: narrow rows
+#: SHAPES plus the rows-layout corners of the small launch: narrow rows
 #: shared by several lanes, one column, channels of several columns.
 GPU_SHAPES = SHAPES + [((10, 2), 1), ((9, 3, 3), 1), ((7, 1), -1)]
-
-
-@pytest.fixture(autouse=True)
-def small_launch(monkeypatch):
-    monkeypatch.setattr(_cuda, "THREADS_PER_BLOCK", 2)
-    monkeypatch.setattr(_cuda, "LANES", 4)
-    monkeypatch.setattr(_cuda, "ELEMENTS_PER_LANE", 4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def fast_switching():
-    # The simulator's threads meet at every syncthreads through the GIL.
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
-
-
-def host(a):
-    return a.copy_to_host() if _cuda.is_device_array(a) else a
+test_simulator_run = simulator_run(__file__, min_passed=51)
 
 
 def assert_close(actual, expected, dtype):
@@ -71,19 +35,6 @@ def assert_close(actual, expected, dtype):
 def run(code, env):
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
-
-
-@pytest.mark.skipif(SIMULATOR or GPU, reason="the tests run in this process")
-def test_simulator_run():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             str(Path(__file__).relative_to(REPO))],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    tail = result.stdout[-6000:] + result.stderr[-2000:]
-    assert result.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", result.stdout)
-    assert passed and int(passed.group(1)) > 50 and " failed" not in result.stdout, tail
-    print(result.stdout.strip().splitlines()[-1])  # shown with -rA: what ran there
 
 
 def test_import_nbbn_does_not_import_numba_cuda():
@@ -203,10 +154,6 @@ def test_to_moves_the_state_and_back(rng):
     assert _cuda.is_device_array(bn.running_mean) and bn.num_batches_tracked == 2
     assert bn.to("cpu") is bn and type(bn.running_mean) is np.ndarray
     np.testing.assert_array_equal(bn.running_var, state["running_var"] + 1)
-    with pytest.raises(NotImplementedError, match="BatchRenorm"):
-        nbbn.BatchRenorm(4).to("cuda")
-    with pytest.raises(NotImplementedError, match="virtual_batch_size"):
-        nbbn.BatchNorm(4, virtual_batch_size=2, device="cuda")(np.ones((4, 4), np.float32))
 
 
 @here

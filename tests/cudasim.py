@@ -1,0 +1,88 @@
+"""Running the GPU tests without a GPU, on numba's CUDA simulator.
+
+The simulator must be switched on (``NUMBA_ENABLE_CUDASIM=1``) before numba is
+imported. So a test file of the GPU path imports from here: with the variable
+set, or on a machine with a GPU, its tests marked :data:`here` run in the test
+process; otherwise they skip there, and the file's ``test_simulator_run``
+(made by :func:`simulator_run`) runs the file again in a subprocess with the
+variable set. A plain ``python -m pytest`` thus always runs them.
+
+Importing :func:`small_launch` and :func:`fast_switching` into a test file
+makes them autouse there: launch constants patched small, so that the
+simulator (one Python thread per CUDA thread) stays fast and every merge path
+is exercised, and a short GIL switch interval, since the simulator's threads
+meet at every ``syncthreads``.
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nbbn import _cuda
+
+REPO = Path(__file__).resolve().parents[1]
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def _gpu_present():
+    if SIMULATOR:
+        return False
+    from numba import cuda
+    return cuda.is_available()
+
+
+GPU = _gpu_present()
+#: Mark of the tests that need numba.cuda (a GPU or the simulator in this process).
+here = pytest.mark.skipif(not (SIMULATOR or GPU), reason="runs in test_simulator_run's subprocess")
+
+
+@pytest.fixture(autouse=True)
+def small_launch(monkeypatch):
+    monkeypatch.setattr(_cuda, "THREADS_PER_BLOCK", 2)
+    monkeypatch.setattr(_cuda, "LANES", 4)
+    monkeypatch.setattr(_cuda, "ELEMENTS_PER_LANE", 4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_switching():
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+def host(a):
+    """A NumPy array of ``a``, wherever it is."""
+    return a.copy_to_host() if _cuda.is_device_array(a) else a
+
+
+def simulator_run(test_file, min_passed):
+    """The ``test_simulator_run`` of ``test_file``: it runs that file in a
+    subprocess with ``NUMBA_ENABLE_CUDASIM=1`` and asserts that at least
+    ``min_passed`` tests passed there and none failed. It skips where the
+    tests run in the test process itself."""
+    path = Path(test_file).resolve().relative_to(REPO)
+
+    @pytest.mark.skipif(SIMULATOR or GPU, reason="the tests run in this process")
+    def test_simulator_run():
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                 str(path)], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=900)
+        tail = result.stdout[-6000:] + result.stderr[-2000:]
+        assert result.returncode == 0, tail
+        passed = re.search(r"(\d+) passed", result.stdout)
+        assert passed and int(passed.group(1)) >= min_passed, tail
+        assert " failed" not in result.stdout, tail
+        print(result.stdout.strip().splitlines()[-1])  # shown with -rA: what ran there
+
+    return test_simulator_run
+
+
+def assert_same(a, b):
+    """Bitwise equality of NumPy or device arrays."""
+    np.testing.assert_array_equal(host(a), host(b))
