@@ -1,6 +1,7 @@
 """GPU dispatch: validate, move arrays to the device, plan and launch the
-kernels of ``nbbn.cuda_kernels``. The twin of ``nbbn._engine`` plus the GPU
-halves of ``nbbn.functional``.
+kernels of ``nbbn.cuda_kernels`` and ``nbbn.cuda_channel_kernels``. The twin
+of ``nbbn._engine`` plus the GPU halves of ``nbbn.functional`` and of the
+layers (Batch Renormalization, ghost batches).
 
 ``numba.cuda`` is imported on the first GPU call, never by ``import nbbn``.
 Launch constants live here, read at call time (tests patch them small for
@@ -67,6 +68,12 @@ def _kernels():
     return cuda_kernels
 
 
+def _channels():
+    cuda()
+    from . import cuda_channel_kernels
+    return cuda_channel_kernels
+
+
 def is_device_array(a):
     """Whether ``a`` lives on the GPU: a Numba device array or any object with
     ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors)."""
@@ -107,12 +114,17 @@ def astype(a, dtype):
     if a.dtype == dtype:
         return a
     out = cuda().device_array(a.shape, dtype)
-    _kernels().cast[_grid(a.shape[0]), THREADS_PER_BLOCK](a, out)
+    _channels().cast[_grid(a.shape[0]), THREADS_PER_BLOCK](a, out)
     return out
 
 
 def shares_memory(a, b):
-    """Whether device arrays ``a`` and ``b`` overlap."""
+    """Whether arrays ``a`` and ``b`` overlap: both NumPy or both on the device."""
+    if is_device_array(a) != is_device_array(b):
+        return False
+    if not is_device_array(a):
+        return np.may_share_memory(a, b)
+    a, b = _device_view(a), _device_view(b)
     if not hasattr(a, "__cuda_array_interface__"):  # the simulator wraps NumPy arrays
         return np.may_share_memory(a._ary, b._ary)
     lo_a = a.__cuda_array_interface__["data"][0]
@@ -120,9 +132,9 @@ def shares_memory(a, b):
     return lo_a < lo_b + b.nbytes and lo_b < lo_a + a.nbytes
 
 
-def _meta(x):
-    """Shape facts of a device array for the checks of ``nbbn._validation``
-    (the simulator's shapes take no negative index)."""
+def meta(x):
+    """Shape facts of a NumPy or device array for the checks of
+    ``nbbn._validation`` (the simulator's shapes take no negative index)."""
     return types.SimpleNamespace(ndim=x.ndim, shape=tuple(x.shape), size=x.size)
 
 
@@ -242,64 +254,76 @@ def moments(x, plan):
     return mean, var
 
 
-def affine(x, plan, mean, scale, shift, out):
-    """``out = (x - mean) * scale + shift`` per channel."""
+def _mask(mask, like, plan):
+    """``(mask, masked)`` kernel arguments: without a mask, ``like`` stands in
+    (never read)."""
+    return (like, False) if mask is None else (mask.reshape(plan.view), True)
+
+
+def affine(x, plan, mean, scale, shift, out, *, relu=False, mask=None):
+    """``out = (x - mean) * scale + shift`` per channel; then ``max(out, 0)``
+    with ``relu``, and 0 where ``mask > 0`` is false with a ``mask``."""
     k, tpb = _kernels(), THREADS_PER_BLOCK
     v, o = x.reshape(plan.view), out.reshape(plan.view)
+    m = _mask(mask, v, plan)
     if plan.planes:
-        k.plane_affine[plan.blocks, tpb](v, mean, scale, shift, plan.step, o)
+        k.plane_affine[plan.blocks, tpb](v, mean, scale, shift, plan.step, bool(relu), *m, o)
     else:
         k.row_affine[plan.blocks, tpb](v, mean, scale, shift, plan.step, plan.inner,
-                                       plan.lanes, o)
+                                       plan.lanes, bool(relu), *m, o)
     return out
 
 
-def grad_sums(x, dy, plan, mean):
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` (float64 device vectors)."""
+def grad_sums(x, dy, plan, mean, *, mask=None):
+    """Per-channel ``sum(g)`` and ``sum(g * (x - mean))`` (float64 device
+    vectors), ``g`` being ``dy``, or 0 where ``mask > 0`` is false."""
     cu, k, tpb = cuda(), _kernels(), THREADS_PER_BLOCK
     v, g = x.reshape(plan.view), dy.reshape(plan.view)
+    m = _mask(mask, v, plan)
     s_dy = cu.device_array((plan.channels, plan.states))
     s_dyx = cu.device_array((plan.channels, plan.states))
     if plan.planes:
-        k.plane_grad_sums[plan.blocks, tpb](v, g, mean, plan.step, plan.lanes, s_dy, s_dyx)
+        k.plane_grad_sums[plan.blocks, tpb](v, g, *m, mean, plan.step, plan.lanes, s_dy, s_dyx)
     else:
-        k.row_grad_sums[plan.blocks, tpb](v, g, mean, plan.step, plan.inner, plan.lanes,
+        k.row_grad_sums[plan.blocks, tpb](v, g, *m, mean, plan.step, plan.inner, plan.lanes,
                                           s_dy, s_dyx)
     a, b = cu.device_array(plan.channels), cu.device_array(plan.channels)
     k.merge_sums[plan.channels, tpb](s_dy, s_dyx, plan.lanes, a, b)
     return a, b
 
 
-def grad_input(dy, x, plan, a, b, c, mean, out):
-    """``out = dy * a + (x - mean) * b + c`` per channel."""
+def grad_input(dy, x, plan, a, b, c, mean, out, *, mask=None):
+    """``out = g * a + (x - mean) * b + c`` per channel, ``g`` as in :func:`grad_sums`."""
     k, tpb = _kernels(), THREADS_PER_BLOCK
     g, v, o = dy.reshape(plan.view), x.reshape(plan.view), out.reshape(plan.view)
+    m = _mask(mask, v, plan)
     if plan.planes:
-        k.plane_grad_input[plan.blocks, tpb](g, v, a, b, c, mean, plan.step, o)
+        k.plane_grad_input[plan.blocks, tpb](g, v, *m, a, b, c, mean, plan.step, o)
     else:
-        k.row_grad_input[plan.blocks, tpb](g, v, a, b, c, mean, plan.step, plan.inner,
+        k.row_grad_input[plan.blocks, tpb](g, v, *m, a, b, c, mean, plan.step, plan.inner,
                                            plan.lanes, o)
     return out
 
 
 def forward(x, running_mean, running_var, weight, bias, training, momentum, eps, *,
-            axis=1, out=None, num_features=None):
+            axis=1, out=None, num_features=None, activation=None):
     """The GPU twin of ``nbbn.functional.forward``: ``(y, mean, invstd, updated)``
     with ``y`` a device array like ``x``, ``mean`` and ``invstd`` float64 device
     vectors. NumPy running statistics are updated in place too."""
+    relu = check.activation(activation) is not None
     x = as_input(x)
-    channels = check.check_input(_meta(x), check.check_axis(axis), num_features)
+    channels = check.check_input(meta(x), check.check_axis(axis), num_features)
     weight = _vector(weight, "weight", channels)
     bias = _vector(bias, "bias", channels)
     _running_stats(running_mean, running_var, channels)
     momentum, eps = check.momentum(momentum), check.eps(eps)
     if training:
-        check.check_batch_size(_meta(x), channels)
+        check.check_batch_size(meta(x), channels)
     elif running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
     out = _output(out, x)
     plan = plan_of(tuple(x.shape), axis)
-    cu, k, tpb = cuda(), _kernels(), THREADS_PER_BLOCK
+    cu, k, tpb = cuda(), _channels(), THREADS_PER_BLOCK
     stats = None if running_mean is None else (to_device(running_mean), to_device(running_var))
     updated = False
     if training:
@@ -313,14 +337,14 @@ def forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
     k.coefficients[_grid(channels), tpb](
         mean, var, mean if weight is None else weight, mean if bias is None else bias,
         weight is not None, bias is not None, eps, mean64, invstd, scale, shift)
-    return affine(x, plan, mean64, scale, shift, out), mean64, invstd, updated
+    return affine(x, plan, mean64, scale, shift, out, relu=relu), mean64, invstd, updated
 
 
 def _update_running(running_mean, running_var, stats, mean, var, count, factor):
     """Update the running statistics on the device unless the batch's are not
     finite (then warn); copy them back into NumPy running statistics."""
     ok = cuda().device_array(1, np.int32)
-    _kernels().update_running[1, THREADS_PER_BLOCK](*stats, mean, var, count / (count - 1),
+    _channels().update_running[1, THREADS_PER_BLOCK](*stats, mean, var, count / (count - 1),
                                                     factor, LANES, ok)
     if not ok.copy_to_host()[0]:
         warnings.warn("batch statistics are not finite (NaN or Inf in the input): "
@@ -332,29 +356,48 @@ def _update_running(running_mean, running_var, stats, mean, var, count, factor):
     return True
 
 
-def backward(dy, x, mean, invstd, weight=None, training=True, *, axis=1, out=None):
+def backward(dy, x, mean, invstd, weight=None, training=True, *, axis=1, out=None, y=None,
+             activation=None):
     """The GPU twin of ``nbbn.functional.batch_norm_backward``:
-    ``(dx, dweight, dbias)`` as device arrays, the gradients in ``x``'s dtype."""
+    ``(dx, dweight, dbias)`` as device arrays, the gradients in ``x``'s dtype.
+    With ``activation='relu'``, ``dy`` counts where the forward's output ``y``
+    is ``> 0``."""
+    relu = check.activation(activation) is not None
     x = as_input(x)
-    channels = check.check_input(_meta(x), check.check_axis(axis))
+    channels = check.check_input(meta(x), check.check_axis(axis))
     dy = as_input(dy, "dy")
     _check_like(dy, x, "dy")
     mean = _vector(mean, "mean", channels)
     invstd = _vector(invstd, "invstd", channels)
     weight = _vector(weight, "weight", channels)
+    mask = _saved_output(y, x, relu)
     out = _output(out, x)
     plan = plan_of(tuple(x.shape), axis)
     cu, tpb = cuda(), THREADS_PER_BLOCK
-    s_dy, s_dyx = grad_sums(x, dy, plan, mean)
+    s_dy, s_dyx = grad_sums(x, dy, plan, mean, mask=mask)
     a, b, c = (cu.device_array(channels) for _ in range(3))
     dweight, dbias = cu.device_array(channels, x.dtype), cu.device_array(channels, x.dtype)
-    _kernels().backward_coefficients[_grid(channels), tpb](
+    _channels().backward_coefficients[_grid(channels), tpb](
         s_dy, s_dyx, invstd, invstd if weight is None else weight, weight is not None,
         float(plan.count), bool(training), a, b, c, dweight, dbias)
     if training:
-        grad_input(dy, x, plan, a, b, c, mean, out)
+        grad_input(dy, x, plan, a, b, c, mean, out, mask=mask)
     else:
-        affine(dy, plan, b, a, b, out)  # b is 0 here: out = dy * a
+        affine(dy, plan, b, a, b, out, mask=mask)  # b is 0 here: out = dy * a
     return out, dweight, dbias
+
+
+def _saved_output(y, x, relu):
+    """The forward's output that a ReLU backward masks with (as
+    ``nbbn._validation.saved_output``), on the device."""
+    if not relu:
+        if y is not None:
+            raise ValueError("y (the forward's output) is only used with activation='relu'")
+        return None
+    if y is None:
+        raise ValueError("activation='relu' needs y, the output of the forward pass")
+    y = as_input(y, "y")
+    _check_like(y, x, "y")
+    return y
 
 

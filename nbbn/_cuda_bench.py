@@ -37,7 +37,7 @@ def benchmark(shape=(64, 64, 112, 112), dtype=np.float32, repeat=20):
 
     _, mean, invstd, _ = _cuda.forward(x, None, None, w, b, True, 0.1, 1e-5)
     grid = -(-x.size // (_cuda.THREADS_PER_BLOCK * 8))
-    t_copy = timed(lambda: _cuda._kernels().copy[grid, _cuda.THREADS_PER_BLOCK](flat, dst))
+    t_copy = timed(lambda: _cuda._channels().copy[grid, _cuda.THREADS_PER_BLOCK](flat, dst))
     res = {"nbbn_forward": timed(lambda: _cuda.forward(x, rm, rv, w, b, True, 0.1, 1e-5)),
            "nbbn_backward": timed(lambda: _cuda.backward(dy, x, mean, invstd, w, True)),
            "copy_bandwidth": _ratio(2 * x.nbytes, t_copy),

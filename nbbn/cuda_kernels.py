@@ -1,6 +1,8 @@
 """Numba CUDA kernels for batch normalization: the GPU twins of
-``nbbn.kernels``, loops and nothing else (launches live in ``nbbn._cuda``).
-Importing this module imports ``numba.cuda``; ``nbbn`` does so on first GPU use.
+``nbbn.kernels``, loops and nothing else (launches live in ``nbbn._cuda``):
+the passes over the data here, the per-channel kernels in
+``nbbn.cuda_channel_kernels``. Importing this module imports ``numba.cuda``;
+``nbbn`` does so on first GPU use.
 
 Two views of an input, as on the CPU. planes: ``x`` as ``(N, C, M)``, one block
 per fixed chunk of an ``(n, c)`` plane. rows: ``x`` as ``(R, W)``, ``W = C * inner``
@@ -19,10 +21,14 @@ threads per block or the device. Values are converted to float64 as loaded
 float32); all arithmetic is float64. The normalization is written
 ``(x - mean) * scale + shift`` so that a contracted multiply-add (CUDA's
 default) still gives exactly 0 for a constant channel.
-"""
-import math
 
-from numba import cuda, float64, int32
+The fused ReLU takes two flags, as on the CPU: ``relu`` clamps the
+normalization's output at 0 (NaN stays NaN); ``masked`` makes the gradient
+kernels (and the eval backward's affine pass) treat ``dy`` as 0 where the saved
+output ``mask`` is not ``> 0``. Without a mask the input itself is passed as
+``mask`` (never read), so that each kernel has one signature per dtype.
+"""
+from numba import cuda, float64
 
 #: Size of the shared arrays: the most lanes a launch may use.
 MAX_LANES = 256
@@ -38,6 +44,14 @@ def _min(a, b):
 @cuda.jit(device=True)
 def _max(a, b):
     return a if a > b else b
+
+
+@cuda.jit(device=True)
+def _output(v, relu, dropped):
+    """The value to store: 0 if ``dropped``, ``max(v, 0)`` if ``relu`` (NaN stays NaN)."""
+    if dropped or (relu and v < 0.0):
+        return 0.0
+    return v
 
 
 @cuda.jit(device=True)
@@ -209,8 +223,9 @@ def merge_moments(means, m2s, stride, size, total, lanes, mean_out, var_out):
 
 
 @cuda.jit
-def plane_grad_sums(x, dy, mean, chunk, lanes, s_dy, s_dyx):
-    """Sums of ``dy`` and ``dy * (x - mean[c])`` per chunk of (N, C, M)."""
+def plane_grad_sums(x, dy, mask, masked, mean, chunk, lanes, s_dy, s_dyx):
+    """Sums of ``g`` and ``g * (x - mean[c])`` per chunk of (N, C, M), ``g``
+    being ``dy``, or 0 where ``mask > 0`` is false if ``masked``."""
     sa = cuda.shared.array(MAX_LANES, float64)
     sb = cuda.shared.array(MAX_LANES, float64)
     tid = cuda.threadIdx.x
@@ -221,6 +236,8 @@ def plane_grad_sums(x, dy, mean, chunk, lanes, s_dy, s_dyx):
         a, b = 0.0, 0.0
         for i in range(lo + lane, hi, lanes):
             g = float64(dy[n, c, i])
+            if masked and not mask[n, c, i] > 0:
+                g = 0.0
             a += g
             b += g * (float64(x[n, c, i]) - mu)
         sa[lane], sb[lane] = a, b
@@ -232,8 +249,9 @@ def plane_grad_sums(x, dy, mean, chunk, lanes, s_dy, s_dyx):
 
 
 @cuda.jit
-def row_grad_sums(x, dy, mean, rows_per_chunk, inner, lanes, s_dy, s_dyx):
-    """Sums of ``dy`` and ``dy * (x - mean)`` per column and chunk of rows."""
+def row_grad_sums(x, dy, mask, masked, mean, rows_per_chunk, inner, lanes, s_dy, s_dyx):
+    """Sums of ``g`` and ``g * (x - mean)`` per column and chunk of rows, ``g``
+    as in :func:`plane_grad_sums`."""
     sa = cuda.shared.array(MAX_LANES, float64)
     sb = cuda.shared.array(MAX_LANES, float64)
     tid = cuda.threadIdx.x
@@ -248,6 +266,8 @@ def row_grad_sums(x, dy, mean, rows_per_chunk, inner, lanes, s_dy, s_dyx):
             mu = float64(mean[col // inner])
             for r in range(r0 + off, r1, group):
                 g = float64(dy[r, col])
+                if masked and not mask[r, col] > 0:
+                    g = 0.0
                 a += g
                 b += g * (float64(x[r, col]) - mu)
         sa[lane], sb[lane] = a, b
@@ -281,17 +301,20 @@ def merge_sums(a, b, lanes, a_out, b_out):
 
 
 @cuda.jit
-def plane_affine(x, mean, scale, shift, chunk, out):
-    """``out = (x - mean[c]) * scale[c] + shift[c]`` for ``x`` (N, C, M)."""
+def plane_affine(x, mean, scale, shift, chunk, relu, mask, masked, out):
+    """``out = (x - mean[c]) * scale[c] + shift[c]`` for ``x`` (N, C, M); then
+    ``max(out, 0)`` if ``relu``, and 0 where ``mask > 0`` is false if ``masked``."""
     n, c, lo, hi = _plane_block(x, chunk)
     mu, a, b = float64(mean[c]), float64(scale[c]), float64(shift[c])
     for i in range(lo + cuda.threadIdx.x, hi, cuda.blockDim.x):
-        out[n, c, i] = (float64(x[n, c, i]) - mu) * a + b
+        out[n, c, i] = _output((float64(x[n, c, i]) - mu) * a + b, relu,
+                               masked and not mask[n, c, i] > 0)
 
 
 @cuda.jit
-def row_affine(x, mean, scale, shift, rows_per_chunk, inner, lanes, out):
-    """``out = (x - mean) * scale + shift`` per column of ``x`` (R, W)."""
+def row_affine(x, mean, scale, shift, rows_per_chunk, inner, lanes, relu, mask, masked, out):
+    """``out = (x - mean) * scale + shift`` per column of ``x`` (R, W); ``relu``,
+    ``mask`` and ``masked`` as in :func:`plane_affine`."""
     width = x.shape[1]
     p, r0, r1, col0, span, group = _row_block(x, rows_per_chunk, lanes)
     for lane in range(cuda.threadIdx.x, lanes, cuda.blockDim.x):
@@ -301,21 +324,27 @@ def row_affine(x, mean, scale, shift, rows_per_chunk, inner, lanes, out):
             c = col // inner
             mu, a, b = float64(mean[c]), float64(scale[c]), float64(shift[c])
             for r in range(r0 + off, r1, group):
-                out[r, col] = (float64(x[r, col]) - mu) * a + b
+                out[r, col] = _output((float64(x[r, col]) - mu) * a + b, relu,
+                                      masked and not mask[r, col] > 0)
 
 
 @cuda.jit
-def plane_grad_input(dy, x, a, b, c, mean, chunk, out):
-    """``out = dy * a + (x - mean) * b + c`` per channel for (N, C, M) arrays."""
+def plane_grad_input(dy, x, mask, masked, a, b, c, mean, chunk, out):
+    """``out = g * a + (x - mean) * b + c`` per channel for (N, C, M) arrays,
+    ``g`` as in :func:`plane_grad_sums`."""
     n, ch, lo, hi = _plane_block(x, chunk)
     ka, kb, kc, mu = float64(a[ch]), float64(b[ch]), float64(c[ch]), float64(mean[ch])
     for i in range(lo + cuda.threadIdx.x, hi, cuda.blockDim.x):
-        out[n, ch, i] = float64(dy[n, ch, i]) * ka + (float64(x[n, ch, i]) - mu) * kb + kc
+        g = float64(dy[n, ch, i])
+        if masked and not mask[n, ch, i] > 0:
+            g = 0.0
+        out[n, ch, i] = g * ka + (float64(x[n, ch, i]) - mu) * kb + kc
 
 
 @cuda.jit
-def row_grad_input(dy, x, a, b, c, mean, rows_per_chunk, inner, lanes, out):
-    """``out = dy * a + (x - mean) * b + c`` per column of (R, W) arrays."""
+def row_grad_input(dy, x, mask, masked, a, b, c, mean, rows_per_chunk, inner, lanes, out):
+    """``out = g * a + (x - mean) * b + c`` per column of (R, W) arrays, ``g``
+    as in :func:`plane_grad_sums`."""
     width = x.shape[1]
     p, r0, r1, col0, span, group = _row_block(x, rows_per_chunk, lanes)
     for lane in range(cuda.threadIdx.x, lanes, cuda.blockDim.x):
@@ -325,84 +354,7 @@ def row_grad_input(dy, x, a, b, c, mean, rows_per_chunk, inner, lanes, out):
             ch = col // inner
             ka, kb, kc, mu = float64(a[ch]), float64(b[ch]), float64(c[ch]), float64(mean[ch])
             for r in range(r0 + off, r1, group):
-                out[r, col] = float64(dy[r, col]) * ka + (float64(x[r, col]) - mu) * kb + kc
-
-
-@cuda.jit
-def coefficients(mean, var, weight, bias, has_weight, has_bias, eps,
-                 mean_out, invstd, scale, shift):
-    """Per channel: float64 mean, ``1 / sqrt(var + eps)``, ``weight * invstd``
-    and the shift (``bias``, or 0)."""
-    c = cuda.grid(1)
-    if c < mean.shape[0]:
-        inv = 1.0 / math.sqrt(float64(var[c]) + eps)
-        mean_out[c] = mean[c]
-        invstd[c] = inv
-        scale[c] = float64(weight[c]) * inv if has_weight else inv
-        shift[c] = float64(bias[c]) if has_bias else 0.0
-
-
-@cuda.jit
-def update_running(running_mean, running_var, mean, var, correction, factor, lanes, ok):
-    """One block: if every ``mean`` and ``var`` is finite, move the running
-    statistics towards them (the variance times ``correction``), in place.
-    ``ok[0]`` says whether they were updated."""
-    flags = cuda.shared.array(MAX_LANES, int32)
-    tid = cuda.threadIdx.x
-    tpb = cuda.blockDim.x
-    channels = mean.shape[0]
-    for lane in range(tid, lanes, tpb):
-        f = 1
-        for c in range(lane, channels, lanes):
-            if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
-                f = 0
-        flags[lane] = f
-    cuda.syncthreads()
-    good = 1
-    for lane in range(lanes):
-        good = _min(good, flags[lane])
-    if good == 1:
-        for c in range(tid, channels, tpb):
-            running_mean[c] = (1.0 - factor) * float64(running_mean[c]) + factor * mean[c]
-            running_var[c] = ((1.0 - factor) * float64(running_var[c])
-                              + factor * (var[c] * correction))
-    if tid == 0:
-        ok[0] = good
-
-
-@cuda.jit
-def backward_coefficients(s_dy, s_dyx, invstd, weight, has_weight, count, training,
-                          a, b, c, dweight, dbias):
-    """Per channel: ``dx = dy * a + (x - mean) * b + c`` coefficients and the
-    parameter gradients (in the dtype of ``dweight``)."""
-    ch = cuda.grid(1)
-    if ch < invstd.shape[0]:
-        inv = float64(invstd[ch])
-        dw = s_dyx[ch] * inv
-        k = float64(weight[ch]) * inv if has_weight else inv
-        a[ch] = k
-        if training:
-            b[ch] = -k * inv * dw / count
-            c[ch] = -k * s_dy[ch] / count
-        else:
-            b[ch] = 0.0
-            c[ch] = 0.0
-        dweight[ch] = dw
-        dbias[ch] = s_dy[ch]
-
-
-@cuda.jit
-def cast(src, dst):
-    """``dst[i] = src[i]`` for 1-D arrays (dtype conversion on the device)."""
-    i = cuda.grid(1)
-    if i < src.shape[0]:
-        dst[i] = src[i]
-
-
-@cuda.jit
-def copy(src, dst):
-    """``dst[:] = src`` for 1-D arrays: the memory-bandwidth yardstick of the
-    benchmark."""
-    start = cuda.grid(1)
-    for i in range(start, src.shape[0], cuda.gridsize(1)):
-        dst[i] = src[i]
+                g = float64(dy[r, col])
+                if masked and not mask[r, col] > 0:
+                    g = 0.0
+                out[r, col] = g * ka + (float64(x[r, col]) - mu) * kb + kc

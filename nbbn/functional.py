@@ -73,11 +73,10 @@ def forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
     """:func:`native_batch_norm`, also returning whether the running
     statistics were updated (the layer counts batches by it)."""
     relu = check.activation(activation) is not None
-    if relu and _cuda.is_device_array(x):
-        raise NotImplementedError("activation has no GPU path yet")
     if _cuda.is_device_array(x):
         return _cuda.forward(x, running_mean, running_var, weight, bias, training, momentum,
-                             eps, axis=axis, out=out, num_features=num_features)
+                             eps, axis=axis, out=out, num_features=num_features,
+                             activation=activation)
     x = check.as_array(x)
     channels = check.check_input(x, check.check_axis(axis), num_features)
     weight = check.channel_vector(weight, "weight", channels)
@@ -155,10 +154,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis
         where ``g`` is ``dy`` (masked by ``y > 0`` with the ReLU).
     """
     relu = check.activation(activation) is not None
-    if relu and (_cuda.is_device_array(x) or _cuda.is_device_array(dy)):
-        raise NotImplementedError("activation has no GPU path yet")
     if _cuda.is_device_array(x) or _cuda.is_device_array(dy):
-        return _cuda.backward(dy, x, mean, invstd, weight, training, axis=axis, out=out)
+        return _cuda.backward(dy, x, mean, invstd, weight, training, axis=axis, out=out, y=y,
+                              activation=activation)
     x = check.as_array(x)
     channels = check.check_input(x, check.check_axis(axis))
     dy = check.as_array(dy, "dy")
