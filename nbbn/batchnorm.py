@@ -1,7 +1,7 @@
 """The stateful BatchNorm layer."""
 import numpy as np
 
-from . import _cuda
+from . import _cuda, _cuda_layers
 from . import _validation as check
 from .functional import batch_norm_backward, forward
 
@@ -106,17 +106,17 @@ class BatchNorm:
         Raises
         ------
         RuntimeError
-            ``'cuda'`` without a GPU (nor ``NUMBA_ENABLE_CUDASIM=1``), or for a
-            subclass with its own forward, which has no GPU path.
+            ``'cuda'`` without a GPU (nor ``NUMBA_ENABLE_CUDASIM=1``), or
+            (``NotImplementedError``) for a subclass with its own forward and no
+            GPU path, such as ``SyncBatchNorm``.
         """
         device = _cuda.check_device(device)
         if device == self.device:
             return self
         if device == "cuda":
-            if type(self).forward is not BatchNorm.forward:
-                raise NotImplementedError(f"{type(self).__name__} has no GPU path")
-            if self.activation is not None:
-                raise NotImplementedError("activation has no GPU path yet")
+            if type(self).forward is not type(self)._gpu_forward:
+                raise NotImplementedError(f"{type(self).__name__} has no GPU path (BatchNorm "
+                                          "and BatchRenorm run on device='cuda')")
             _cuda.cuda()
         move = _cuda.to_device if device == "cuda" else _cuda.to_host
         moved = {name: move(getattr(self, name)) for name in
@@ -145,16 +145,8 @@ class BatchNorm:
         ndarray
             The output, in the dtype of ``x``.
         """
-        if self.device == "cuda":
-            x = _cuda.as_input(x)
-        elif _cuda.is_device_array(x):
-            raise TypeError("x is a device array but the layer is on the CPU: "
-                            "move the layer with .to('cuda') or pass a NumPy array")
-        else:
-            x = check.as_array(x)
+        x = self._input(x)
         if self.training and self.virtual_batch_size is not None:
-            if self.device == "cuda":
-                raise NotImplementedError("virtual_batch_size has no GPU path")
             return self._ghost_forward(x, out)
         batch_stats = self.training or self.running_mean is None
         tracking = self.training and self.running_mean is not None
@@ -173,6 +165,19 @@ class BatchNorm:
         self._saved = (x, mean, invstd, batch_stats, overwritten)
         self._saved_output = y if self.activation is not None else None
         return y
+
+    #: The forward that also runs on ``device='cuda'``: a subclass that
+    #: overrides :meth:`forward` has no GPU path unless it sets this to its own.
+    _gpu_forward = forward
+
+    def _input(self, x):
+        """``x`` checked and on the layer's device (NumPy input is copied to the GPU)."""
+        if self.device == "cuda":
+            return _cuda.as_input(x)
+        if _cuda.is_device_array(x):
+            raise TypeError("x is a device array but the layer is on the CPU: "
+                            "move the layer with .to('cuda') or pass a NumPy array")
+        return check.as_array(x)
 
     def backward(self, dy, out=None):
         """Gradient with respect to the input of the most recent forward.
@@ -212,15 +217,15 @@ class BatchNorm:
     def _ghost_forward(self, x, out):
         """Training forward of ghost batch normalization: each group of
         ``virtual_batch_size`` samples along axis 0 is a batch of its own."""
-        channels = check.check_input(x, self.axis, self.num_features)
-        out = np.empty_like(x) if out is None else check.check_out(out, x)
+        channels = check.check_input(_cuda.meta(x), self.axis, self.num_features)
+        out = _cuda_layers.output_like(x, out)
         k, n = self.virtual_batch_size, x.shape[0]
         bounds = [(lo, min(lo + k, n)) for lo in range(0, n, k)]
         for lo, hi in (bounds[0], bounds[-1]):
             try:
-                check.check_batch_size(x[lo:hi], channels)
+                check.check_batch_size(_cuda.meta(x[lo:hi]), channels)
             except ValueError as e:
-                raise ValueError(f"{e} (samples {lo}:{hi} of a batch of shape {x.shape}, "
+                raise ValueError(f"{e} (samples {lo}:{hi} of a batch of shape {tuple(x.shape)}, "
                                  f"virtual_batch_size={k})") from None
         groups = []
         for lo, hi in bounds:
@@ -232,25 +237,26 @@ class BatchNorm:
                 factor, self.eps, axis=self.axis, out=out[lo:hi], activation=self.activation)
             self.num_batches_tracked += updated
             groups.append((slice(lo, hi), mean, invstd))
-        overwritten = np.may_share_memory(out, x)
+        overwritten = _cuda.shares_memory(out, x)
         self._saved = (x, groups, None, True, overwritten)
         self._saved_output = out if self.activation is not None else None
         return out
 
     def _ghost_backward(self, dy, out, x, groups):
         """Backward of :meth:`_ghost_forward`, group by group."""
-        dy = check.as_array(dy, "dy")
-        check.check_like(dy, x, "dy")
-        out = np.empty_like(x) if out is None else check.check_out(out, x)
-        dgamma = dbeta = 0.0
+        dy = _cuda_layers.input_like(dy, x, "dy")
+        out = _cuda_layers.output_like(x, out)
+        dgamma, dbeta = [], []
         for part, mean, invstd in groups:
             y = None if self._saved_output is None else self._saved_output[part]
             _, dw, db = batch_norm_backward(dy[part], x[part], mean, invstd, self.gamma, True,
                                             axis=self.axis, out=out[part], y=y,
                                             activation=self.activation)
-            dgamma, dbeta = dgamma + dw.astype(np.float64), dbeta + db.astype(np.float64)
+            dgamma.append(dw)
+            dbeta.append(db)
         if self.affine:
-            self.grad_gamma, self.grad_beta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
+            self.grad_gamma = _cuda_layers.channel_sum(dgamma, self.dtype)
+            self.grad_beta = _cuda_layers.channel_sum(dbeta, self.dtype)
         return out
 
     def _state_keys(self):

@@ -3,10 +3,54 @@ import warnings
 
 import numpy as np
 
+from . import _cuda, _cuda_layers
 from . import _validation as check
 from ._engine import affine, layout_of, moments
 from .batchnorm import BatchNorm
 from .functional import batch_norm_backward
+
+
+def renorm_forward(x, running_mean, running_var, weight, bias, rmax, dmax, eps, factor, *,
+                   axis=1, out=None, num_features=None):
+    """Batch Renormalization's training forward and moving update on the CPU
+    (the GPU twin is ``nbbn._cuda_layers.renorm_forward``).
+
+    Returns ``(y, mean, invstd, w, r, d, updated)``: float64 ``mean``,
+    ``invstd``, the backward's weight ``w`` (``weight * r``, or ``r``) and the
+    corrections ``r`` and ``d``; ``updated`` False if the batch statistics
+    were not finite (the moving statistics are then unchanged).
+    """
+    channels = check.check_input(x, axis, num_features)
+    out = np.empty_like(x) if out is None else check.check_out(out, x)
+    check.check_batch_size(x, channels)
+    layout = layout_of(x.shape, axis)
+    mean, var = moments(x, layout)
+    std = np.sqrt(var + eps)
+    invstd = 1.0 / std
+    mu = running_mean.astype(np.float64)
+    sigma = np.sqrt(running_var.astype(np.float64) + eps)
+    r = np.clip(std / sigma, 1.0 / rmax, rmax)
+    d = np.clip((mean - mu) / sigma, -dmax, dmax)
+    if weight is not None:
+        gamma = weight.astype(np.float64)
+        w, b = gamma * r, bias.astype(np.float64) + gamma * d
+    else:
+        w, b = r, d
+    scale = w * invstd
+    affine(x, layout, scale, b - mean * scale, out)
+    updated = bool(np.isfinite(mean).all() and np.isfinite(std).all())
+    if updated:
+        sigma = sigma + factor * (std - sigma)
+        running_mean[...] = mu + factor * (mean - mu)
+        running_var[...] = np.maximum(sigma * sigma - eps, 0.0)
+    return out, mean, invstd, w, r, d, updated
+
+
+def renorm_grads(r, d, dweight, dbias, dtype):
+    """gamma's and beta's gradients ``(r * dweight + d * dbias, dbias)`` in
+    ``dtype``, from those of batch norm with weight ``gamma * r`` (the GPU twin
+    is ``nbbn._cuda_layers.renorm_grads``)."""
+    return (r * dweight + d * dbias).astype(dtype), dbias.astype(dtype)
 
 
 class BatchRenorm(BatchNorm):
@@ -48,6 +92,9 @@ class BatchRenorm(BatchNorm):
         Channel axis: 1 for (N, C, ...) inputs, -1 for channels-last (..., C).
     dtype : {numpy.float32, numpy.float64}
         dtype of the parameters and moving statistics.
+    device : {'cpu', 'cuda'}
+        Where the parameters live and the layer computes, as for
+        :class:`~nbbn.BatchNorm` (docs/gpu.md).
 
     Attributes
     ----------
@@ -73,10 +120,11 @@ class BatchRenorm(BatchNorm):
     """
 
     def __init__(self, num_features, rmax=3.0, dmax=5.0, eps=1e-5, momentum=0.01,
-                 affine=True, *, axis=1, dtype=np.float32):
+                 affine=True, *, axis=1, dtype=np.float32, device="cpu"):
         rmax = check.renorm_limit(rmax, "rmax", 1.0)
         dmax = check.renorm_limit(dmax, "dmax", 0.0)
-        super().__init__(num_features, eps, momentum, affine, True, axis=axis, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, True, axis=axis, dtype=dtype,
+                         device=device)
         self._rmax, self._dmax = rmax, dmax
         self._corrections = None  # (r, d) of the last training forward
 
@@ -100,13 +148,14 @@ class BatchRenorm(BatchNorm):
 
     @property
     def running_std(self):
-        """The moving ``sigma = sqrt(running_var + eps)``, float64."""
-        return np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        """The moving ``sigma = sqrt(running_var + eps)``, float64 (NumPy on any device)."""
+        return np.sqrt(_cuda.to_host(self.running_var).astype(np.float64) + self.eps)
 
     def __repr__(self):
         return (f"BatchRenorm({self.num_features}, rmax={self.rmax}, dmax={self.dmax}, "
                 f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"axis={self.axis}, dtype={self.dtype.name})")
+                f"axis={self.axis}, dtype={self.dtype.name}"
+                + (f", device={self.device!r}" if self.device != "cpu" else "") + ")")
 
     def forward(self, x, out=None):
         """Renormalize ``x`` (training) or normalize it with the moving
@@ -124,47 +173,28 @@ class BatchRenorm(BatchNorm):
         ndarray
             The output, in the dtype of ``x``.
         """
-        x = check.as_array(x)
         if not self.training:
             y = super().forward(x, out=out)
             self._corrections = None
             return y
-        channels = check.check_input(x, self.axis, self.num_features)
-        out = np.empty_like(x) if out is None else check.check_out(out, x)
-        check.check_batch_size(x, channels)
-        layout = layout_of(x.shape, self.axis)
-        mean, var = moments(x, layout)
-        std = np.sqrt(var + self.eps)
-        invstd = 1.0 / std
-        mu, sigma = self.running_mean.astype(np.float64), self.running_std
-        r = np.clip(std / sigma, 1.0 / self.rmax, self.rmax)
-        d = np.clip((mean - mu) / sigma, -self.dmax, self.dmax)
-        if self.affine:
-            gamma = self.gamma.astype(np.float64)
-            weight, bias = gamma * r, self.beta.astype(np.float64) + gamma * d
-        else:
-            weight, bias = r, d
-        scale = weight * invstd
-        affine(x, layout, scale, bias - mean * scale, out)
-        self._update_moving(mean, std, mu, sigma)
-        self._corrections = (r, d)
-        self._saved = (x, mean, invstd, True, np.may_share_memory(out, x))
-        return out
-
-    def _update_moving(self, mean, std, mu, sigma):
-        """``mu += f * (mu_B - mu)``, ``sigma += f * (sigma_B - sigma)``, unless
-        the batch statistics are not finite."""
-        if not (np.isfinite(mean).all() and np.isfinite(std).all()):
-            warnings.warn("batch statistics are not finite (NaN or Inf in the input): "
-                          "moving statistics were not updated", RuntimeWarning, stacklevel=3)
-            return
+        x = self._input(x)
         factor = self.momentum
         if factor is None:
             factor = 1.0 / (self.num_batches_tracked + 1)
-        sigma = sigma + factor * (std - sigma)
-        self.running_mean[...] = mu + factor * (mean - mu)
-        self.running_var[...] = np.maximum(sigma * sigma - self.eps, 0.0)
-        self.num_batches_tracked += 1
+        run = _cuda_layers.renorm_forward if self.device == "cuda" else renorm_forward
+        y, mean, invstd, weight, r, d, updated = run(
+            x, self.running_mean, self.running_var, self.gamma, self.beta, self.rmax, self.dmax,
+            self.eps, factor, axis=self.axis, out=out, num_features=self.num_features)
+        if updated:
+            self.num_batches_tracked += 1
+        else:
+            warnings.warn("batch statistics are not finite (NaN or Inf in the input): "
+                          "moving statistics were not updated", RuntimeWarning, stacklevel=2)
+        self._corrections = (weight, r, d)
+        self._saved = (x, mean, invstd, True, out is not None and _cuda.shares_memory(y, x))
+        return y
+
+    _gpu_forward = forward
 
     def backward(self, dy, out=None):
         """Gradient with respect to the input of the most recent forward,
@@ -191,11 +221,10 @@ class BatchRenorm(BatchNorm):
         if overwritten:
             raise RuntimeError("the forward's input was overwritten by its out= argument; "
                                "backward needs it")
-        r, d = self._corrections
-        weight = self.gamma * r if self.affine else r
+        weight, r, d = self._corrections
         dx, dw, db = batch_norm_backward(dy, x, mean, invstd, weight, True,
                                          axis=self.axis, out=out)
         if self.affine:
-            self.grad_gamma = (r * dw + d * db).astype(self.dtype)
-            self.grad_beta = db.astype(self.dtype)
+            grads = _cuda_layers.renorm_grads if self.device == "cuda" else renorm_grads
+            self.grad_gamma, self.grad_beta = grads(r, d, dw, db, self.dtype)
         return dx
