@@ -107,11 +107,12 @@ def _fold(bn, weight, bias, kind, min_ndim):
         raise ValueError(f"bn has {channels} channels but the {kind} layer has {w.shape[0]} "
                          f"output features (weight shape {w.shape})")
     b = np.zeros(channels) if bias is None else check.channel_vector(bias, "bias", channels)
-    invstd = 1.0 / np.sqrt(bn.running_var.astype(np.float64) + bn.eps)
-    scale = invstd if bn.gamma is None else bn.gamma.astype(np.float64) * invstd
-    shift = (b - bn.running_mean.astype(np.float64)) * scale
+    state = bn.state_dict()  # NumPy copies, on any device
+    invstd = 1.0 / np.sqrt(state["running_var"].astype(np.float64) + bn.eps)
+    scale = invstd if bn.gamma is None else state["weight"].astype(np.float64) * invstd
+    shift = (b - state["running_mean"].astype(np.float64)) * scale
     if bn.beta is not None:
-        shift = shift + bn.beta.astype(np.float64)
+        shift = shift + state["bias"].astype(np.float64)
     dtype = w.dtype.newbyteorder("=")
     new_weight = (w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1)))
     return new_weight.astype(dtype), shift.astype(dtype)
