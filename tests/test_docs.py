@@ -41,3 +41,22 @@ def test_mkdocs_build_strict(tmp_path):
     assert "heading for 2 and 1" in started  # nbbn/example.py, pulled in by the snippet
     assert not (site / "mkdocs.yml").exists() and not (site / "hooks.py").exists()
     shutil.rmtree(site)
+
+
+def test_api_page_lists_every_public_name():
+    import nbbn
+    import nbbn.functional
+    import nbbn.mlp
+    entries = {line[4:].strip() for line in (ROOT / "docs" / "api.md").read_text().splitlines()
+               if line.startswith("::: ")}
+    missing = [f"nbbn.{n}" for n in nbbn.__all__ if f"nbbn.{n}" not in entries]
+    missing += [f"nbbn.functional.{n}" for n in nbbn.functional.__all__
+                if f"nbbn.functional.{n}" not in entries and f"nbbn.{n}" not in entries]
+    missing += [f"nbbn.mlp.{n}" for n in nbbn.mlp.__all__ if f"nbbn.mlp.{n}" not in entries]
+    assert not missing, f"docs/api.md lacks ::: entries for {missing}"
+
+
+def test_nav_lists_every_page():
+    nav = (ROOT / "docs" / "mkdocs.yml").read_text()
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert [p for p in pages if f": {p}" not in nav] == []
