@@ -17,7 +17,7 @@ import numpy as np
 #: Elements of one plane task (planes layout).
 PLANE_CHUNK = 1 << 15
 #: Elements of one row-chunk task (rows layout), at least ``MIN_ROWS`` rows.
-ROW_CHUNK = 1 << 15
+ROW_CHUNK = 1 << 17
 MIN_ROWS = 16
 #: Planes shorter than this are read row by row instead.
 MIN_PLANE = 64

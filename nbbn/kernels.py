@@ -1,4 +1,5 @@
-"""Numba CPU kernels for batch normalization: loops and nothing else.
+"""Numba CPU kernels for batch normalization: loops and nothing else (the
+inner loops, per span or block of rows, are in :mod:`nbbn.kernel_loops`).
 
 Two memory layouts cover every input (see ``nbbn._engine.layout_of``):
 
@@ -12,257 +13,15 @@ Tasks are fixed by the shape, never by the thread count, and partial states
 are merged serially in task order, so results are bitwise reproducible for any
 ``numba.set_num_threads``. Every parallel kernel has a ``*_serial`` twin
 (same code, ``prange`` run as ``range``; no thread launch, for small inputs):
-same tasks, same order, same bits. Statistics take one pass over
-memory: each block of ``BLOCK`` elements is summed, then its squared
-deviations are summed while it is still in L1, and block states (count, mean,
-M2) are merged with Chan's formula. All accumulation is in float64.
-
-Every inner loop runs over a 1-D span from index 0: with a start offset Numba
-must handle negative (wrap-around) indices and LLVM no longer vectorizes.
-
-``relu`` variants compute ``max(v, 0)`` in the same pass (NaN propagates);
-``mask`` variants read a saved ReLU output ``y`` and treat the gradient as 0
-where ``y > 0`` is false, as the ReLU backward does.
+same tasks, same order, same bits.
 """
 import numpy as np
 from numba import njit, prange
 
-from ._jit import (STREAM_BYTES, row, serial_twin, span, store_fence, stream_axpb,
-                   stream_grad_input)
-
-#: Elements whose second moment is taken while they sit in L1.
-BLOCK = 2048
-# Reductions may be reordered (so LLVM vectorizes them); NaN and Inf must
-# still propagate, so no 'nnan' or 'ninf'.
-_REDUCE = {"reassoc", "nsz", "contract"}
-
-
-# --- span helpers: 1-D contiguous arrays, loops from 0 -----------------------
-
-@njit(fastmath=_REDUCE, cache=True)
-def _sum(x):
-    acc = 0.0
-    for i in range(x.shape[0]):
-        acc += x[i]
-    return acc
-
-
-@njit(fastmath=_REDUCE, cache=True)
-def _sum_squared_deviations(x, mean):
-    acc = 0.0
-    for i in range(x.shape[0]):
-        d = x[i] - mean
-        acc += d * d
-    return acc
-
-
-@njit(cache=True)
-def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two (count, mean, M2) states (Chan et al.)."""
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    w = n_b / n
-    return n, mean_a + delta * w, m2_a + m2_b + delta * delta * n_a * w
-
-
-@njit(cache=True)
-def _span_moments(x):
-    """(mean, M2) of a span, block by block."""
-    m = x.shape[0]
-    count, mean, m2 = 0.0, 0.0, 0.0
-    for start in range(0, m, BLOCK):
-        block = x[start:min(start + BLOCK, m)]
-        size = block.shape[0]
-        block_mean = _sum(block) / size
-        block_m2 = _sum_squared_deviations(block, block_mean)
-        count, mean, m2 = _chan(count, mean, m2, size, block_mean, block_m2)
-    return mean, m2
-
-
-@njit(fastmath=_REDUCE, cache=True)
-def _grad_dot(x, dy, mask, mean):
-    """sum(g) and sum(g * (x - mean)), g = dy masked by ``mask > 0`` (or not)."""
-    s_dy = 0.0
-    s_dyx = 0.0
-    if mask is None:
-        for i in range(x.shape[0]):
-            g = dy[i] + 0.0
-            s_dy += g
-            s_dyx += g * (x[i] - mean)
-    else:
-        for i in range(x.shape[0]):
-            g = dy[i] + 0.0 if mask[i] > 0 else 0.0
-            s_dy += g
-            s_dyx += g * (x[i] - mean)
-    return s_dy, s_dyx
-
-
-# No fastmath below: a fused multiply-add would turn x*a - mean*a into a
-# rounding residual instead of the exact zero of a constant channel.
-
-@njit(cache=True)
-def _axpb(x, a, b, out):
-    for i in range(x.shape[0]):
-        out[i] = x[i] * a + b
-
-
-@njit(cache=True)
-def _axpb_relu(x, a, b, relu, out):
-    if relu:
-        for i in range(x.shape[0]):
-            v = x[i] * a + b
-            out[i] = 0.0 if v < 0.0 else v
-    else:
-        _axpb(x, a, b, out)
-
-
-@njit(cache=True)
-def _stream_parts(out):
-    """(head, body): ``out[head:body]`` starts 64-byte aligned and holds whole
-    vectors of ``STREAM_BYTES``; the rest is written with plain stores."""
-    n = out.shape[0]
-    head = min((-out.ctypes.data) % STREAM_BYTES // out.itemsize, n)
-    w = STREAM_BYTES // out.itemsize
-    return head, head + (n - head) // w * w
-
-
-@njit(cache=True)
-def _affine_span(x, a, b, relu, mask, stream, out):
-    if mask is not None:
-        for i in range(x.shape[0]):
-            out[i] = x[i] * a + b if mask[i] > 0 else 0.0
-    elif stream:
-        head, body = _stream_parts(out)
-        _axpb_relu(x[:head], a, b, relu, out[:head])
-        for i in range(head, body, STREAM_BYTES // out.itemsize):
-            stream_axpb(x, i, a, b, relu, out)
-        _axpb_relu(x[body:], a, b, relu, out[body:])
-        store_fence()
-    else:
-        _axpb_relu(x, a, b, relu, out)
-
-
-@njit(cache=True)
-def _axpb_columns(x, a, b, relu, mask, out):
-    if mask is not None:
-        for j in range(x.shape[0]):
-            out[j] = x[j] * a[j] + b[j] if mask[j] > 0 else 0.0
-    elif relu:
-        for j in range(x.shape[0]):
-            v = x[j] * a[j] + b[j]
-            out[j] = 0.0 if v < 0.0 else v
-    else:
-        for j in range(x.shape[0]):
-            out[j] = x[j] * a[j] + b[j]
-
-
-@njit(cache=True)
-def _grad_input_plain(dy, x, mask, a, b, c, mean, out):
-    if mask is None:
-        for i in range(x.shape[0]):
-            out[i] = dy[i] * a + (x[i] - mean) * b + c
-    else:
-        for i in range(x.shape[0]):
-            g = dy[i] + 0.0 if mask[i] > 0 else 0.0
-            out[i] = g * a + (x[i] - mean) * b + c
-
-
-@njit(cache=True)
-def _grad_input_span(dy, x, mask, a, b, c, mean, stream, out):
-    if not stream:
-        _grad_input_plain(dy, x, mask, a, b, c, mean, out)
-        return
-    head, body = _stream_parts(out)
-    step = STREAM_BYTES // out.itemsize
-    if mask is None:
-        _grad_input_plain(dy[:head], x[:head], None, a, b, c, mean, out[:head])
-        for i in range(head, body, step):
-            stream_grad_input(dy, x, None, i, a, b, c, mean, out)
-        _grad_input_plain(dy[body:], x[body:], None, a, b, c, mean, out[body:])
-    else:
-        _grad_input_plain(dy[:head], x[:head], mask[:head], a, b, c, mean, out[:head])
-        for i in range(head, body, step):
-            stream_grad_input(dy, x, mask, i, a, b, c, mean, out)
-        _grad_input_plain(dy[body:], x[body:], mask[body:], a, b, c, mean, out[body:])
-    store_fence()
-
-
-@njit(cache=True)
-def _grad_input_columns(dy, x, mask, a, b, c, mean, out):
-    if mask is None:
-        for j in range(x.shape[0]):
-            out[j] = dy[j] * a[j] + (x[j] - mean[j]) * b[j] + c[j]
-    else:
-        for j in range(x.shape[0]):
-            g = dy[j] + 0.0 if mask[j] > 0 else 0.0
-            out[j] = g * a[j] + (x[j] - mean[j]) * b[j] + c[j]
-
-
-@njit(cache=True)
-def _add_columns(acc, row):
-    for j in range(acc.shape[0]):
-        acc[j] += row[j]
-
-
-@njit(cache=True)
-def _add_squared_deviations(acc, row, mean):
-    for j in range(acc.shape[0]):
-        d = row[j] - mean[j]
-        acc[j] += d * d
-
-
-@njit(cache=True)
-def _add_grad_columns(s_dy, s_dyx, x, dy, mask, mean):
-    if mask is None:
-        for j in range(s_dy.shape[0]):
-            g = dy[j] + 0.0
-            s_dy[j] += g
-            s_dyx[j] += g * (x[j] - mean[j])
-    else:
-        for j in range(s_dy.shape[0]):
-            g = dy[j] + 0.0 if mask[j] > 0 else 0.0
-            s_dy[j] += g
-            s_dyx[j] += g * (x[j] - mean[j])
-
-
-@njit(cache=True)
-def _fold_columns(col, channels, inner, center):
-    """Per channel, the sum over its ``tiles * inner`` columns of ``col``, or
-    of ``(col - center[c])**2`` unless ``center`` is None; tiles in order."""
-    out = np.zeros(channels)
-    tiles = col.shape[0] // (channels * inner)
-    if inner == 1:  # one column per channel and tile: what the span loops give
-        for t in range(tiles):
-            tile = col[t * channels:(t + 1) * channels]
-            if center is None:
-                for c in range(channels):
-                    out[c] += tile[c]
-            else:
-                for c in range(channels):
-                    out[c] += (tile[c] - center[c]) * (tile[c] - center[c])
-        return out
-    j = 0
-    for _ in range(tiles):
-        for c in range(channels):
-            if center is None:
-                out[c] += _sum(col[j:j + inner])
-            else:
-                out[c] += _sum_squared_deviations(col[j:j + inner], center[c])
-            j += inner
-    return out
-
-
-@njit(cache=True)
-def _expand(values, channels, inner, width):
-    """Per-channel ``values`` repeated for each of the ``width`` columns of a rows view."""
-    out = np.empty(width)
-    j = 0
-    for _ in range(width // (channels * inner)):
-        for c in range(channels):
-            for i in range(inner):
-                out[j + i] = values[c]
-            j += inner
-    return out
+from ._jit import row, serial_twin, span
+from .kernel_loops import (_add_columns, _add_grad_columns, _add_squared_deviations,
+                           _affine_span, _axpb_columns, _expand, _fold_columns, _grad_dot,
+                           _grad_input_columns, _grad_input_span, _span_moments)
 
 
 @njit(cache=True)
@@ -327,12 +86,10 @@ def _row_moments_task(p, x, rows_per_chunk, channels, inner, means, m2s):
     r0 = p * rows_per_chunk
     r1 = min(r0 + rows_per_chunk, n_rows)
     col_mean = np.zeros(width)
-    for r in range(r0, r1):
-        _add_columns(col_mean, x[r])
+    _add_columns(col_mean, x, r0, r1)
     col_mean *= 1.0 / (r1 - r0)
     col_m2 = np.zeros(width)
-    for r in range(r0, r1):
-        _add_squared_deviations(col_m2, x[r], col_mean)
+    _add_squared_deviations(col_m2, x, r0, r1, col_mean)
     # Fold the tiles * inner columns of each channel: equal counts.
     ch_mean = _fold_columns(col_mean, channels, inner, None) / (tiles * inner)
     means[p] = ch_mean
@@ -347,8 +104,7 @@ def _row_grad_sums_task(p, x, dy, mask, mean, rows_per_chunk, channels, inner, s
     r1 = min(r0 + rows_per_chunk, n_rows)
     col_dy = np.zeros(width)
     col_dyx = np.zeros(width)
-    for r in range(r0, r1):
-        _add_grad_columns(col_dy, col_dyx, x[r], dy[r], row(mask, r), mean)
+    _add_grad_columns(col_dy, col_dyx, x, dy, mask, r0, r1, mean)
     s_dy[p] = _fold_columns(col_dy, channels, inner, None)
     s_dyx[p] = _fold_columns(col_dyx, channels, inner, None)
 
