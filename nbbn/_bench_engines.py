@@ -139,7 +139,8 @@ class NumpyEngine(Engine):
         scale = self.weight / np.sqrt(var + EPS)
         y = x * scale + (self.bias - mean * scale)
         self.running_mean = (1 - MOMENTUM) * self.running_mean + MOMENTUM * mean.ravel()
-        self.running_var = (1 - MOMENTUM) * self.running_var + MOMENTUM * var.ravel() * (n / (n - 1))
+        self.running_var = ((1 - MOMENTUM) * self.running_var
+                            + MOMENTUM * var.ravel() * (n / (n - 1)))
         return y
 
     def forward_eval(self):

@@ -129,10 +129,12 @@ def stream_grad_input(typingctx, dy, x, mask, i, a, b, c, mean, out):
         if masked:
             m = _load(context, builder, sig.args[2], mv, iv, True)
             g = builder.select(builder.fcmp_ordered(">", m, zero), builder.fadd(g, zero), zero)
-        t = builder.fsub(_load(context, builder, sig.args[1], xv, iv, True), _splat(builder, meanv, w))
+        t = builder.fsub(_load(context, builder, sig.args[1], xv, iv, True),
+                         _splat(builder, meanv, w))
         v = builder.fadd(builder.fmul(g, _splat(builder, av, w)),
                          builder.fmul(t, _splat(builder, bv, w)))
-        _stream_store(context, builder, sig.args[8], ov, iv, builder.fadd(v, _splat(builder, cv, w)))
+        v = builder.fadd(v, _splat(builder, cv, w))
+        _stream_store(context, builder, sig.args[8], ov, iv, v)
         return context.get_dummy_value()
     f8 = types.float64
     return types.void(dy, x, mask, types.intp, f8, f8, f8, f8, out), codegen

@@ -47,13 +47,13 @@ SLOW_CALL_S = 0.25
 
 class BandwidthProbe:
     """Memory bandwidth in bytes/s: read + write of ``y = a * x + b`` over
-    float32 buffers of ``nbytes`` each (default: 8x the last-level cache, at
-    least 256 MiB), with the kernel loop and stores nbbn's affine pass uses
-    on arrays that size. :meth:`sample` times one pass."""
+    float32 buffers of ``nbytes`` each (default: 4x the last-level cache, at
+    least 256 MiB, at most 2 GiB), with the kernel loop and stores nbbn's
+    affine pass uses on arrays that size. :meth:`sample` times one pass."""
 
     def __init__(self, nbytes=None):
         from ._engine import PLANE_CHUNK, _stream, kernels, last_level_cache_bytes
-        nbytes = nbytes or max(256 << 20, 8 * last_level_cache_bytes())
+        nbytes = nbytes or min(2 << 30, max(256 << 20, 4 * last_level_cache_bytes()))
         self.x = np.ones(nbytes // 4, dtype=np.float32)
         self.y = np.empty_like(self.x)
         self.args = (self.x, 1.5, 0.5, PLANE_CHUNK, _stream(self.y), self.y)
@@ -305,7 +305,8 @@ def _shape(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a shape like 64x64x112x112, got {text!r}")
     if len(shape) < 2 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected a shape of 2 or more positive sizes, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a shape of 2 or more positive sizes, got {text!r}")
     return shape
 
 
@@ -320,8 +321,9 @@ def add_arguments(parser):
                              "three, and relu-step on the largest default shape)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--engines", nargs="+", choices=tuple(ENGINES), default=DEFAULT_ENGINES,
-                        metavar="ENGINE", help=f"of {', '.join(ENGINES)} (default: all but "
-                                               "torch-out, torch writing into preallocated outputs)")
+                        metavar="ENGINE",
+                        help=f"of {', '.join(ENGINES)} (default: all but torch-out, torch "
+                             "writing into preallocated outputs)")
     parser.add_argument("--repeat", type=int, default=7, help="samples per figure (7)")
     parser.add_argument("--startup", action="store_true",
                         help="also time import, first call, and a cold compile (~30 s)")

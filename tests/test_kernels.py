@@ -55,7 +55,8 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
         _assert_same([(r, out) for r, _ in
                       _run_both(layout, "row_moments", v, rpc, c, inner, counts)])
         for relu, mask in ((False, None), (True, None), (False, v)):
-            _assert_same(_run_both(layout, "row_affine", v, scale, shift, c, inner, relu, mask, out))
+            _assert_same(_run_both(layout, "row_affine", v, scale, shift, c, inner, relu, mask,
+                                   out))
         for mask in (None, v):
             _assert_same([(r, out) for r, _ in
                           _run_both(layout, "row_grad_sums", v, g, mask, mean, rpc, c, inner)])
