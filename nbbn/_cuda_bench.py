@@ -62,3 +62,30 @@ def benchmark(shape=(64, 64, 112, 112), dtype=np.float32, repeat=20):
 
 def _ratio(a, b):
     return a / b if b else float("nan")  # the simulator times everything as 0
+
+
+def format_table(results, dtype):
+    """A Markdown table of :func:`benchmark` results, ``{shape: result}``."""
+    def ms(t):
+        return "-" if t is None else f"{t * 1e3:.3f} ms"
+
+    def ratio(a, b):
+        return "-" if a is None or b is None else f"{_ratio(a, b):.2f}x"
+
+    lines = [f"nbbn bench --device cuda, {np.dtype(dtype).name}, GPU times (CUDA events, medians)",
+             "", "| shape | operation | nbbn | torch (cuDNN) | vs torch | copy bandwidth | roofline |",
+             "|---|---|---|---|---|---|---|"]
+    for shape, r in results.items():
+        for op in ("forward", "backward"):
+            lines.append(f"| {shape} | {'forward-train' if op == 'forward' else op} "
+                         f"| {ms(r['nbbn_' + op])} | {ms(r['torch_' + op])} "
+                         f"| {ratio(r['torch_' + op], r['nbbn_' + op])} "
+                         f"| {r['copy_bandwidth'] / 1e9:.1f} GB/s | {r[op + '_roofline']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(shapes, dtype, repeat):
+    """``python -m nbbn bench --device cuda``: print the table, return the results."""
+    results = {tuple(shape): benchmark(tuple(shape), dtype, repeat) for shape in shapes}
+    print(format_table(results, dtype))
+    return results

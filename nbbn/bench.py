@@ -325,6 +325,9 @@ def add_arguments(parser):
                         help=f"of {', '.join(ENGINES)} (default: all but torch-out, torch "
                              "writing into preallocated outputs)")
     parser.add_argument("--repeat", type=int, default=7, help="samples per figure (7)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: nbbn's GPU kernels against torch's cuDNN and a copy "
+                             "kernel, on (64, 64, 112, 112) unless --shapes")
     parser.add_argument("--startup", action="store_true",
                         help="also time import, first call, and a cold compile (~30 s)")
     parser.add_argument("--json", metavar="PATH", help="write every figure here as JSON")
@@ -345,6 +348,13 @@ def main(args):
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
             raise SystemExit("bench: --plot needs matplotlib: pip install 'nbbn[plot]'")
+    if args.device == "cuda":
+        from . import _cuda_bench
+        results = _cuda_bench.main(args.shapes or [(64, 64, 112, 112)], args.dtype, args.repeat)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({str(k): v for k, v in results.items()}, f, indent=1)
+        return 0
     if args.shapes is None and args.ops is None:
         cases = DEFAULT_CASES
     else:

@@ -302,3 +302,17 @@ def test_benchmark_runs(monkeypatch):
     res = benchmark((2, 3, 4, 4), repeat=1)
     assert res["nbbn_forward"] >= 0 and (res["torch_forward"] is None or not SIMULATOR)
     assert {"nbbn_backward", "copy_bandwidth", "forward_roofline", "backward_roofline"} <= set(res)
+
+
+@here
+@pytest.mark.filterwarnings("ignore:Simulator timings are bogus")
+def test_bench_command_on_the_gpu(monkeypatch, capsys, tmp_path):
+    from nbbn.__main__ import main
+    if SIMULATOR:
+        monkeypatch.setitem(sys.modules, "torch", None)
+    path = tmp_path / "gpu.json"
+    assert main(["bench", "--device", "cuda", "--shapes", "2x3x4x4", "--repeat", "1",
+                 "--json", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "| (2, 3, 4, 4) | forward-train |" in table and "| (2, 3, 4, 4) | backward |" in table
+    assert "nbbn_backward" in path.read_text()
