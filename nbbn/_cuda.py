@@ -370,7 +370,7 @@ def backward(dy, x, mean, invstd, weight=None, training=True, *, axis=1, out=Non
     mean = _vector(mean, "mean", channels)
     invstd = _vector(invstd, "invstd", channels)
     weight = _vector(weight, "weight", channels)
-    mask = _saved_output(y, x, relu)
+    mask = check.saved_output(y, x, relu, as_input, _check_like)
     out = _output(out, x)
     plan = plan_of(tuple(x.shape), axis)
     cu, tpb = cuda(), THREADS_PER_BLOCK
@@ -385,19 +385,3 @@ def backward(dy, x, mean, invstd, weight=None, training=True, *, axis=1, out=Non
     else:
         affine(dy, plan, b, a, b, out, mask=mask)  # b is 0 here: out = dy * a
     return out, dweight, dbias
-
-
-def _saved_output(y, x, relu):
-    """The forward's output that a ReLU backward masks with (as
-    ``nbbn._validation.saved_output``), on the device."""
-    if not relu:
-        if y is not None:
-            raise ValueError("y (the forward's output) is only used with activation='relu'")
-        return None
-    if y is None:
-        raise ValueError("activation='relu' needs y, the output of the forward pass")
-    y = as_input(y, "y")
-    _check_like(y, x, "y")
-    return y
-
-

@@ -166,15 +166,16 @@ def activation(a):
     return a
 
 
-def saved_output(y, x, relu):
+def saved_output(y, x, relu, convert=as_array, like=check_like):
     """The forward's output ``y`` that a ReLU backward masks with: required
-    with the ReLU, refused without it."""
+    with the ReLU, refused without it. ``convert`` and ``like`` check arrays
+    (the GPU path passes its own)."""
     if not relu:
         if y is not None:
             raise ValueError("y (the forward's output) is only used with activation='relu'")
         return None
     if y is None:
         raise ValueError("activation='relu' needs y, the output of the forward pass")
-    y = as_array(y, "y")
-    check_like(y, x, "y")
+    y = convert(y, "y")
+    like(y, x, "y")
     return y

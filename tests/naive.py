@@ -133,3 +133,18 @@ def batch_norm_relu_backward(dy, x, mean, invstd, y, weight=None, training=True,
     output ``y`` is positive, then :func:`batch_norm_backward`."""
     g = np.where(np.asarray(y) > 0, np.asarray(dy, np.float64), 0.0)
     return batch_norm_backward(g, x, mean, invstd, weight, training, axis)
+
+
+def numeric_gradient(f, a, h=1e-6):
+    """Central differences of the scalar ``f()`` with respect to ``a``, perturbed in place."""
+    g = np.zeros_like(a)
+    flat, gflat = a.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        plus = f()
+        flat[i] = old - h
+        minus = f()
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * h)
+    return g

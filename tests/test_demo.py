@@ -10,24 +10,10 @@ import numpy as np
 import pytest
 
 import nbbn
+from naive import numeric_gradient
 from nbbn.mlp import MLP, Linear, accuracy, cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def numeric_gradient(f, a, h=1e-6):
-    """Central differences of the scalar f() with respect to the array a, in place."""
-    g = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
-        plus = f()
-        flat[i] = old - h
-        minus = f()
-        flat[i] = old
-        gflat[i] = (plus - minus) / (2 * h)
-    return g
 
 
 def synthetic(rng, n=12, features=5, classes=3):
