@@ -58,7 +58,14 @@ def kernels():
     """The :mod:`nbbn.kernels` module, imported (with numba) on first use."""
     global _kernels
     if _kernels is None:
-        from . import kernels as module
+        try:
+            from . import kernels as module
+        except RuntimeError as e:  # read-only site-packages and no user cache folder
+            if "no locator available" not in str(e):
+                raise
+            from ._jit import use_temporary_cache_dir
+            use_temporary_cache_dir()
+            from . import kernels as module
         _kernels = module
     return _kernels
 

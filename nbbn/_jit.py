@@ -1,10 +1,28 @@
 """Numba machinery the kernels share: the serial twin of a parallel kernel,
-and vector intrinsics with non-temporal stores."""
+vector intrinsics with non-temporal stores, and a fallback for the disk cache."""
+import os
+import tempfile
 import types as pytypes
 
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
+
+
+def use_temporary_cache_dir():
+    """Point numba's disk cache (``cache=True``) at a per-user folder of the
+    temporary directory; for when neither the package's folder nor the user's
+    cache folder can be written (numba then refuses to define the kernels)."""
+    import numba
+
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    path = os.path.join(tempfile.gettempdir(), f"nbbn-numba-cache-{user}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f"no writable folder for numba's cache (tried {path}: {e}); "
+                           "set NUMBA_CACHE_DIR to one") from None
+    numba.config.CACHE_DIR = path
 
 
 def serial_twin(kernel):

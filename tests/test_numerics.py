@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -133,6 +134,27 @@ def test_kernels_cached_by_one_process_run_in_a_fresh_one(tmp_path):
     first, second = (r.stdout.split() for r in runs)
     assert first[0] == "0" and second[0] == "4"
     assert first[1] == second[1]
+
+
+NO_CACHE_FOLDER = textwrap.dedent("""
+    from numba.core import caching
+    # As with a read-only site-packages and no writable home: only NUMBA_CACHE_DIR is left.
+    caching.CacheImpl._locator_classes = [caching.UserProvidedCacheLocator]
+    import numba, numpy as np, nbbn
+    y = nbbn.batch_norm(np.random.default_rng(0).standard_normal((8, 4, 64, 64)), training=True)
+    print(numba.config.CACHE_DIR, float(np.abs(y).sum()))
+""")
+
+
+def test_no_writable_cache_folder_falls_back_to_the_temporary_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", NO_CACHE_FOLDER], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    cache_dir = result.stdout.split()[0]
+    assert cache_dir.startswith(str(tmp_path))
+    assert any(p.suffix == ".nbi" for p in Path(cache_dir).rglob("*"))
 
 
 def test_set_num_threads_is_honoured():
