@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 
@@ -28,3 +30,20 @@ def random_input(rng, shape, dtype, loc=0.5, scale=2.0):
 
 def channels(shape, axis):
     return shape[axis]
+
+
+def snapshot(layer):
+    """A deep copy of a layer's state, for :func:`assert_unchanged`."""
+    return copy.deepcopy(layer.__dict__)
+
+
+def assert_unchanged(layer, before):
+    """The layer's state equals the :func:`snapshot` ``before`` (saved
+    forward context aside): a refused input changed nothing."""
+    after = layer.__dict__
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(after[k], v)
+        elif k not in ("_saved", "_corrections"):
+            assert after[k] == v, k

@@ -1,26 +1,12 @@
 """Bad input: a clear error, and nothing changed."""
-import copy
 import warnings
 
 import numpy as np
 import pytest
 
 import nbbn
+from conftest import assert_unchanged, snapshot
 from nbbn.functional import batch_norm_backward
-
-
-def snapshot(bn):
-    return copy.deepcopy(bn.__dict__)
-
-
-def assert_unchanged(bn, before):
-    after = bn.__dict__
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        if isinstance(v, np.ndarray):
-            np.testing.assert_array_equal(after[k], v)
-        elif k != "_saved":
-            assert after[k] == v, k
 
 
 @pytest.fixture

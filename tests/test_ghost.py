@@ -1,7 +1,6 @@
 """Ghost batch normalization (BatchNorm(virtual_batch_size=k)) against a loop
 of plain batch norms over the groups: nbbn's own BatchNorm, and the float64
 NumPy reference."""
-import copy
 import re
 
 import numpy as np
@@ -10,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbbn
-from conftest import ATOL, DTYPES, RTOL, SHAPES, random_input
+from conftest import ATOL, DTYPES, RTOL, SHAPES, assert_unchanged, random_input, snapshot
 from naive import batch_norm, ghost_batch_norm, ghost_batch_norm_backward
 
 #: (shape, axis) with a batch axis long enough to split in uneven groups (2-D ones never
@@ -187,18 +186,6 @@ def test_bad_virtual_batch_size(k):
     with pytest.raises(ValueError, match=re.escape("virtual_batch_size must be None or a "
                                                    f"positive integer, got {k!r}")):
         nbbn.BatchNorm(3, virtual_batch_size=k)
-
-
-def snapshot(layer):
-    return copy.deepcopy(layer.__dict__)
-
-
-def assert_unchanged(layer, before):
-    for k, v in before.items():
-        if isinstance(v, np.ndarray):
-            np.testing.assert_array_equal(layer.__dict__[k], v)
-        elif k != "_saved":
-            assert layer.__dict__[k] == v, k
 
 
 @pytest.mark.parametrize("shape,k", [((5, 3), 2), ((4, 3), 1), ((1, 3), 4)])

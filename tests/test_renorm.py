@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbbn
-from conftest import ATOL, DTYPES, RTOL, SHAPES, random_input
+from conftest import ATOL, DTYPES, RTOL, SHAPES, assert_unchanged, random_input, snapshot
 from naive import batch_norm, batch_renorm, batch_renorm_backward, per_channel, reduce_axes
 
 
@@ -250,18 +250,6 @@ def test_out_and_caller_arrays(rng):
     layer(x, out=x)
     with pytest.raises(RuntimeError, match="overwritten"):
         layer.backward(np.ones_like(x))
-
-
-def snapshot(layer):
-    return copy.deepcopy(layer.__dict__)
-
-
-def assert_unchanged(layer, before):
-    for k, v in before.items():
-        if isinstance(v, np.ndarray):
-            np.testing.assert_array_equal(layer.__dict__[k], v)
-        elif k not in ("_saved", "_corrections"):
-            assert layer.__dict__[k] == v, k
 
 
 @pytest.mark.parametrize("name,value,lowest", [("rmax", 0.5, 1), ("rmax", np.nan, 1),
