@@ -10,13 +10,18 @@ def build_parser():
                                      description="nbbn: batch normalization for NumPy")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from . import demo
+    from .programs import example
+    p = commands.add_parser("example", help="a NumPy pipeline calling BatchNorm forward and "
+                                            "backward for a few SGD steps")
+    p.set_defaults(run=lambda args: example.main())
+
+    from .programs import demo
     p = commands.add_parser("demo", help="train a NumPy MLP on the digits data with and "
                                          "without BatchNorm (needs the extra 'demo')")
     demo.add_arguments(p)
     p.set_defaults(run=demo.main)
 
-    from . import bench
+    from .programs import bench
     p = commands.add_parser("bench", help="time nbbn against NumPy and torch and against "
                                           "this machine's memory bandwidth")
     bench.add_arguments(p)

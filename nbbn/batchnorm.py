@@ -1,7 +1,7 @@
 """The stateful BatchNorm layer."""
 import numpy as np
 
-from . import _cuda, _cuda_layers
+from .gpu import backend as _cuda, layers as _cuda_layers
 from . import _validation as check
 from .functional import batch_norm_backward, forward
 

@@ -4,7 +4,7 @@ import warnings
 
 import numpy as np
 
-from . import _cuda
+from .gpu import backend as _cuda
 from . import _validation as check
 from ._engine import (affine, backward_coefficients, coefficients, grad_input, grad_sums,
                       layout_of, moments, update_running)

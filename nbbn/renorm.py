@@ -3,7 +3,7 @@ import warnings
 
 import numpy as np
 
-from . import _cuda, _cuda_layers
+from .gpu import backend as _cuda, layers as _cuda_layers
 from . import _validation as check
 from ._engine import affine, layout_of, moments
 from .batchnorm import BatchNorm

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nbbn import _cuda
+from nbbn.gpu import backend as _cuda
 
 REPO = Path(__file__).resolve().parents[1]
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"

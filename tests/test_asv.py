@@ -13,7 +13,7 @@ ASV = pathlib.Path(__file__).resolve().parents[1] / "asv_bench"
 sys.path.insert(0, str(ASV))
 from benchmarks import batchnorm, fused, startup  # noqa: E402
 
-from nbbn._bench_engines import ENGINES  # noqa: E402
+from nbbn.programs.bench_engines import ENGINES  # noqa: E402
 
 TINY = [(4, 3, 5, 5), (16, 5), (2, 3, 70)]
 

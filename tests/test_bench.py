@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import naive
-from nbbn import bench
-from nbbn._bench_engines import ENGINES, TRAFFIC, make_inputs
+from nbbn.programs import bench
+from nbbn.programs.bench_engines import ENGINES, TRAFFIC, make_inputs
 
 TINY = "4x3x5x5"
 

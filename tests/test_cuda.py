@@ -1,4 +1,4 @@
-"""The GPU path (nbbn._cuda, nbbn.cuda_kernels) against the CPU path and the
+"""The GPU path (nbbn.gpu.backend, nbbn.gpu.kernels) against the CPU path and the
 float64 reference.
 
 These tests need numba.cuda on a GPU or on numba's CUDA simulator: see
@@ -19,7 +19,7 @@ import nbbn
 from conftest import ATOL, DTYPES, RTOL, SHAPES, random_input
 from cudasim import (GPU, REPO, SIMULATOR, here, host, simulator_run,
                      fast_switching, small_launch)  # noqa: F401 (autouse fixtures)
-from nbbn import _cuda
+from nbbn.gpu import backend as _cuda
 from nbbn.functional import batch_norm_backward, forward
 
 #: SHAPES plus the rows-layout corners of the small launch: narrow rows
@@ -296,7 +296,7 @@ def test_torch_cuda_tensors():
 @here
 @pytest.mark.filterwarnings("ignore:Simulator timings are bogus")
 def test_benchmark_runs(monkeypatch):
-    from nbbn._cuda_bench import benchmark
+    from nbbn.programs.cuda_bench import benchmark
     if SIMULATOR:
         monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
     res = benchmark((2, 3, 4, 4), repeat=1)

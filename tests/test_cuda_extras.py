@@ -14,7 +14,7 @@ import nbbn
 from conftest import random_input
 from cudasim import (assert_same, here, host, simulator_run,
                      fast_switching, small_launch)  # noqa: F401 (autouse fixtures)
-from nbbn import _cuda
+from nbbn.gpu import backend as _cuda
 from nbbn.functional import batch_norm_backward, forward
 
 test_simulator_run = simulator_run(__file__, min_passed=30)

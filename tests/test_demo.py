@@ -1,5 +1,5 @@
-"""The NumPy MLP of nbbn.mlp (gradients against finite differences and torch) and the
-training demo of nbbn.demo (a short run, its table, its plot, its command line)."""
+"""The NumPy MLP of nbbn.programs.mlp (gradients against finite differences and torch) and the
+training demo of nbbn.programs.demo (a short run, its table, its plot, its command line)."""
 import argparse
 import os
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 
 import nbbn
 from naive import numeric_gradient
-from nbbn.mlp import MLP, Linear, accuracy, cross_entropy
+from nbbn.programs.mlp import MLP, Linear, accuracy, cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ def test_bad_arguments(sizes, kwargs, error):
 
 def test_demo_short_run_table_and_plot(tmp_path):
     pytest.importorskip("sklearn", reason="the demo's data needs scikit-learn (extra 'demo')")
-    from nbbn import demo
+    from nbbn.programs import demo
     logs = []
     results, timing = demo.run(lrs=(0.05, 1.0), steps=30, batch_size=32, eval_every=10,
                                log=logs.append)
@@ -184,7 +184,7 @@ def test_demo_short_run_table_and_plot(tmp_path):
 
 
 def test_demo_table_marks_divergence():
-    from nbbn import demo
+    from nbbn.programs import demo
     row = {"batch_norm": False, "lr": 9.0, "loss": [2.3, float("nan")], "eval_steps": [],
            "test_acc": [], "final_acc": float("nan"), "steps_to_target": None,
            "diverged_at": 2, "seconds": 0.1}
@@ -195,7 +195,7 @@ def test_demo_table_marks_divergence():
 
 
 def test_demo_rejects_bad_options():
-    from nbbn import demo
+    from nbbn.programs import demo
     args = demo.add_arguments(argparse.ArgumentParser()).parse_args(["--steps", "0"])
     with pytest.raises(SystemExit, match="expected --steps >= 1"):
         demo.main(args)
@@ -213,7 +213,7 @@ def test_demo_command_line(tmp_path):
 def test_demo_says_what_to_install(monkeypatch):
     import importlib.util
 
-    from nbbn import demo
+    from nbbn.programs import demo
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("sklearn", "matplotlib") else real(name, *a))

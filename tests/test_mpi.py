@@ -308,6 +308,6 @@ def test_sync_batchnorm_over_mpiexec(mpi_env, ranks):
 
 
 def test_example_trains_over_two_processes_like_one(mpi_env):
-    out = run_bounded([mpiexec(), "-n", 2, sys.executable, "-m", "nbbn.examples.mpi_mlp",
+    out = run_bounded([mpiexec(), "-n", 2, sys.executable, "-m", "nbbn.programs.mpi_mlp",
                        "--steps", 20], mpi_env, timeout=180)
     assert "MATCH: data-parallel training over 2 process(es) matches" in out, out

@@ -1,6 +1,6 @@
 """asv benchmarks of nbbn against a plain NumPy batch norm and PyTorch.
 
-The engines are ``nbbn._bench_engines.ENGINES``, the table ``python -m nbbn
+The engines are ``nbbn.programs.bench_engines.ENGINES``, the table ``python -m nbbn
 bench`` uses too; threads are pinned (``NBBN_BENCH_THREADS``, default 2) for
 numba and torch alike. With ``asv run --python=same`` the installed nbbn is
 benchmarked, or, when none is, the checkout this suite lives in.

@@ -19,7 +19,7 @@ class BatchNorm:
     timeout = 600
 
     def setup(self, engine, shape, dtype, operation):
-        from nbbn._bench_engines import ENGINES as TABLE, make_inputs
+        from nbbn.programs.bench_engines import ENGINES as TABLE, make_inputs
         pin_threads()
         x, dy = make_inputs(shape, np.dtype(dtype))
         # NotImplementedError (torch missing, or an operation the engine lacks): asv skips

@@ -15,7 +15,7 @@ class FusedRelu:
     timeout = 600
 
     def setup(self, engine, shape):
-        from nbbn._bench_engines import ENGINES as TABLE, make_inputs
+        from nbbn.programs.bench_engines import ENGINES as TABLE, make_inputs
         pin_threads()
         x, dy = make_inputs(shape, np.float32)
         self.fn = TABLE[engine](x, dy, threads=THREADS).operation("relu-step")

@@ -13,15 +13,15 @@ class Startup:
     unit = "seconds"
 
     def track_import(self):
-        from nbbn.bench import first_call_seconds
+        from nbbn.programs.bench import first_call_seconds
         return first_call_seconds(threads=THREADS)[0]
 
     def track_first_call_warm_cache(self):
-        from nbbn.bench import first_call_seconds
+        from nbbn.programs.bench import first_call_seconds
         first_call_seconds(threads=THREADS)  # fills the cache if it is not yet
         return first_call_seconds(threads=THREADS)[1]
 
     def track_first_call_cold_compile(self):
-        from nbbn.bench import first_call_seconds
+        from nbbn.programs.bench import first_call_seconds
         with tempfile.TemporaryDirectory() as cache:
             return first_call_seconds(cache_dir=cache, threads=THREADS)[1]

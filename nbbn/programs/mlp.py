@@ -14,7 +14,7 @@ It is what ``python -m nbbn demo`` trains, and small enough to read in one go::
 """
 import numpy as np
 
-from .batchnorm import BatchNorm
+from ..batchnorm import BatchNorm
 
 __all__ = ["Linear", "ReLU", "MLP", "cross_entropy", "accuracy"]
 

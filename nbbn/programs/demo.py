@@ -1,5 +1,5 @@
 """``python -m nbbn demo``: does batch norm let a network train faster, and at higher
-learning rates? Train the NumPy MLP of :mod:`nbbn.mlp` on scikit-learn's bundled
+learning rates? Train the NumPy MLP of :mod:`nbbn.programs.mlp` on scikit-learn's bundled
 handwritten digits with and without BatchNorm, at a low and a high learning rate, from the
 same initial weights and the same batches, and compare.
 

@@ -1,7 +1,7 @@
 """Numba CUDA kernels for batch normalization: the GPU twins of
-``nbbn.kernels``, loops and nothing else (launches live in ``nbbn._cuda``):
+``nbbn.kernels``, loops and nothing else (launches live in ``nbbn.gpu.backend``):
 the passes over the data here, the per-channel kernels in
-``nbbn.cuda_channel_kernels``. Importing this module imports ``numba.cuda``;
+``nbbn.gpu.channel_kernels``. Importing this module imports ``numba.cuda``;
 ``nbbn`` does so on first GPU use.
 
 Two views of an input, as on the CPU. planes: ``x`` as ``(N, C, M)``, one block

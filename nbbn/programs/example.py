@@ -1,4 +1,4 @@
-"""A NumPy pipeline calling BatchNorm forward and backward: ``python -m nbbn.example``."""
+"""A NumPy pipeline calling BatchNorm forward and backward: ``python -m nbbn example``."""
 import numpy as np
 
 import nbbn
@@ -22,6 +22,7 @@ def main():
     print("gamma", bn.gamma[:3], "beta", bn.beta[:3], "(heading for 2 and 1)")
     print("running mean", bn.running_mean[:3], "running var", bn.running_var[:3])
     print("state_dict keys", sorted(bn.state_dict()))
+    return 0
 
 
 if __name__ == "__main__":

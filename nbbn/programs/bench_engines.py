@@ -69,7 +69,7 @@ class NbbnEngine(Engine):
 
     def __init__(self, x, dy, threads=None):
         super().__init__(x, dy)
-        from . import functional
+        from .. import functional
         self.f = functional
         self.y, self.dx = np.empty_like(x), np.empty_like(x)
         _, self.mean, self.invstd = functional.native_batch_norm(
@@ -90,7 +90,7 @@ class NbbnEngine(Engine):
 
     def relu_step(self):
         if self.layer is None:
-            from .batchnorm import BatchNorm
+            from ..batchnorm import BatchNorm
             self.layer = BatchNorm(self.channels, dtype=self.x.dtype, activation="relu")
             self.layer.gamma[:], self.layer.beta[:] = self.weight, self.bias
         self.layer(self.x, out=self.y)
@@ -107,7 +107,7 @@ class NbbnNumpyReluEngine(NbbnEngine):
 
     def relu_step(self):
         if self.layer is None:
-            from .batchnorm import BatchNorm
+            from ..batchnorm import BatchNorm
             self.layer = BatchNorm(self.channels, dtype=self.x.dtype)
             self.layer.gamma[:], self.layer.beta[:] = self.weight, self.bias
         a = np.maximum(self.layer(self.x, out=self.y), 0)

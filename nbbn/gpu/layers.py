@@ -1,16 +1,16 @@
-"""What the layers need on the GPU beyond ``nbbn._cuda``: the GPU half of
+"""What the layers need on the GPU beyond ``nbbn.gpu.backend``: the GPU half of
 Batch Renormalization's driver pair (the CPU half is in ``nbbn.renorm``), and
 helpers that take NumPy or device arrays alike, so that ghost batch
 normalization runs one loop over its groups on either device.
 
-Like ``nbbn._cuda``, nothing here imports ``numba.cuda`` until a device array
-or ``device='cuda'`` shows up. Launch constants are read from ``nbbn._cuda``
+Like ``nbbn.gpu.backend``, nothing here imports ``numba.cuda`` until a device array
+or ``device='cuda'`` shows up. Launch constants are read from ``nbbn.gpu.backend``
 at call time.
 """
 import numpy as np
 
-from . import _cuda
-from . import _validation as check
+from . import backend as _cuda
+from .. import _validation as check
 
 
 def renorm_forward(x, running_mean, running_var, weight, bias, rmax, dmax, eps, factor, *,

@@ -1,5 +1,5 @@
 """GPU dispatch: validate, move arrays to the device, plan and launch the
-kernels of ``nbbn.cuda_kernels`` and ``nbbn.cuda_channel_kernels``. The twin
+kernels of ``nbbn.gpu.kernels`` and ``nbbn.gpu.channel_kernels``. The twin
 of ``nbbn._engine`` plus the GPU halves of ``nbbn.functional`` and of the
 layers (Batch Renormalization, ghost batches).
 
@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _validation as check
+from .. import _validation as check
 
 #: Threads of every block (results do not depend on it).
 THREADS_PER_BLOCK = 256
@@ -64,13 +64,13 @@ def cuda():
 
 def _kernels():
     cuda()
-    from . import cuda_kernels
+    from . import kernels as cuda_kernels
     return cuda_kernels
 
 
 def _channels():
     cuda()
-    from . import cuda_channel_kernels
+    from . import channel_kernels as cuda_channel_kernels
     return cuda_channel_kernels
 
 
@@ -197,7 +197,7 @@ def _check_like(a, x, name):
 
 
 class Plan(NamedTuple):
-    """How an input is viewed and cut into blocks (see ``nbbn.cuda_kernels``).
+    """How an input is viewed and cut into blocks (see ``nbbn.gpu.kernels``).
 
     ``step`` is the chunk of a plane (planes) or the rows of a chunk (rows);
     ``states`` the partial states per channel; ``merge`` the

@@ -2,15 +2,15 @@
 coefficients, the running (moving) statistics' updates, the backward's
 coefficients, Batch Renormalization's corrections, and small vector helpers.
 The twins of the per-channel kernels of ``nbbn.kernels``; the passes over the
-data are in ``nbbn.cuda_kernels``. One thread per channel, except the running
+data are in ``nbbn.gpu.kernels``. One thread per channel, except the running
 updates: one block, so that a non-finite channel can veto every update.
-All arithmetic is float64, values converted as loaded (see ``nbbn.cuda_kernels``).
+All arithmetic is float64, values converted as loaded (see ``nbbn.gpu.kernels``).
 """
 import math
 
 from numba import cuda, float64, int32
 
-from .cuda_kernels import MAX_LANES, _max, _min
+from .kernels import MAX_LANES, _max, _min
 
 
 @cuda.jit(device=True)

@@ -2,10 +2,10 @@
 
 Run over two processes with::
 
-    mpiexec -n 2 python -m nbbn.examples.mpi_mlp
+    mpiexec -n 2 python -m nbbn.programs.mpi_mlp
 
 (``pip install 'nbbn[mpi]'`` installs mpi4py and MPICH, whose ``mpiexec``
-lands beside ``python``). The model is the NumPy MLP of :mod:`nbbn.mlp`,
+lands beside ``python``). The model is the NumPy MLP of :mod:`nbbn.programs.mlp`,
 Linear -> SyncBatchNorm -> ReLU -> Linear, with softmax cross-entropy,
 trained in float64 with plain SGD on the digits data
 set of scikit-learn when it is installed, else on synthetic clusters. Every
@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 import nbbn
-from nbbn.mlp import MLP, accuracy, cross_entropy
+from nbbn.programs.mlp import MLP, accuracy, cross_entropy
 
 #: Largest parameter difference (relative to the parameter's scale) that still
 #: counts as the same run: the two runs differ only in rounding.

@@ -3,7 +3,7 @@ against torch's cuDNN batch norm and a copy kernel (the bandwidth roofline),
 timed with CUDA events on the same device in the same run."""
 import numpy as np
 
-from . import _cuda
+from ..gpu import backend as _cuda
 
 
 def benchmark(shape=(64, 64, 112, 112), dtype=np.float32, repeat=20):

@@ -10,7 +10,7 @@ traffic of the minimal passes over memory (:data:`TRAFFIC`).
 nbbn writes into preallocated outputs (``out=``, as a training loop would);
 NumPy and torch are called as their users call them, allocating their
 outputs (``--engines ... torch-out`` adds torch writing into preallocated
-outputs too). The engines live in :mod:`nbbn._bench_engines`, shared with
+outputs too). The engines live in :mod:`nbbn.programs.bench_engines`, shared with
 the asv suite in ``asv_bench/``.
 """
 import argparse
@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from ._bench_engines import DEFAULT_ENGINES, ENGINES, OPERATIONS, TRAFFIC, make_inputs
+from .bench_engines import DEFAULT_ENGINES, ENGINES, OPERATIONS, TRAFFIC, make_inputs
 
 __all__ = ["DEFAULT_CASES", "BandwidthProbe", "measure_bandwidth", "calibrate", "sample",
            "time_call", "run", "format_table", "first_call_seconds", "startup_times", "plot",
@@ -52,7 +52,7 @@ class BandwidthProbe:
     affine pass uses on arrays that size. :meth:`sample` times one pass."""
 
     def __init__(self, nbytes=None):
-        from ._engine import PLANE_CHUNK, _stream, kernels, last_level_cache_bytes
+        from .._engine import PLANE_CHUNK, _stream, kernels, last_level_cache_bytes
         nbytes = nbytes or min(2 << 30, max(256 << 20, 4 * last_level_cache_bytes()))
         self.x = np.ones(nbytes // 4, dtype=np.float32)
         self.y = np.empty_like(self.x)
@@ -349,8 +349,8 @@ def main(args):
         if importlib.util.find_spec("matplotlib") is None:
             raise SystemExit("bench: --plot needs matplotlib: pip install 'nbbn[plot]'")
     if args.device == "cuda":
-        from . import _cuda_bench
-        results = _cuda_bench.main(args.shapes or [(64, 64, 112, 112)], args.dtype, args.repeat)
+        from . import cuda_bench
+        results = cuda_bench.main(args.shapes or [(64, 64, 112, 112)], args.dtype, args.repeat)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({str(k): v for k, v in results.items()}, f, indent=1)
