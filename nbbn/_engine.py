@@ -1,6 +1,6 @@
 """Drive the CPU kernels: choose a layout for a shape, allocate partial
-states, merge them, pick the parallel kernel or its serial twin, and guard
-against a threading layer that is not thread-safe. Arrays reaching this
+states, merge them, and pick the parallel kernel or its serial twin (the
+threading layer's part is in :mod:`nbbn._threads`). Arrays reaching this
 module are already validated.
 
 Numba is imported on the first kernel call, not with this module: ``import
@@ -9,10 +9,11 @@ nbbn`` stays fast, and a process that only builds layers never pays for it.
 import functools
 import math
 import os
-import threading
 from typing import NamedTuple
 
 import numpy as np
+
+from . import _threads
 
 #: Elements of one plane task (planes layout).
 PLANE_CHUNK = 1 << 15
@@ -111,25 +112,20 @@ def layout_of(shape, axis):
     return Layout((rows // tile, width * tile), False, channels, inner, count)
 
 
-_lock = threading.Lock()
-_lock_needed = None  # unknown until the first parallel kernel has run
-
-
 def _run(layout, name, *args):
-    """Call kernel ``name`` (its serial twin for a small ``layout``); serialize
-    parallel calls under numba's workqueue layer, which aborts the process
-    when entered from two threads at once."""
-    global _lock_needed
+    """Call kernel ``name``, or its serial twin for a small ``layout`` (and in
+    a child forked from GNU OpenMP threads); see :mod:`nbbn._threads`."""
     k = kernels()
-    if layout.serial:
+    if layout.serial or not _threads.parallel_ok:
         return getattr(k, name + "_serial")(*args)
     kernel = getattr(k, name)
-    if _lock_needed is False:
+    lock = _threads.lock
+    if lock is None:
         return kernel(*args)
-    with _lock:
+    with lock:
         result = kernel(*args)
-        import numba
-        _lock_needed = numba.threading_layer() == "workqueue"
+        if _threads.layer() is None:
+            _threads.started()
     return result
 
 
