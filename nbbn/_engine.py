@@ -46,11 +46,21 @@ def last_level_cache_bytes():
     return max(sizes, default=32 << 20)
 
 
-#: Outputs larger than this (bytes) are written with non-temporal stores
-#: (planes layout): they would not stay in the caches anyway, and streaming
-#: them skips reading every line before writing it. None: the last-level
-#: cache's size. Smaller outputs are faster through the cache.
+#: Outputs larger than this (bytes) are written with non-temporal stores:
+#: they would not stay in the caches anyway, and streaming them skips reading
+#: every line before writing it. None: the last-level cache's size. Smaller
+#: outputs are faster through the cache.
 STREAM_MIN_BYTES = None
+#: Rows layout: fewer chunks of rows than this are split into blocks of
+#: channels of at least ``MIN_BLOCK_WIDTH`` columns, for the threads.
+MIN_TASKS = 8
+MIN_BLOCK_WIDTH = 64
+#: Planes layout, training: with at least this many channels, and a channel
+#: (input and output, or input and gradient) within this share of the
+#: last-level cache, one task takes a whole channel: its output is computed
+#: while its input is still in the cache.
+BY_CHANNEL_MIN = 8
+BY_CHANNEL_SHARE = 8
 
 _kernels = None
 
@@ -72,11 +82,12 @@ def kernels():
 
 
 class Layout(NamedTuple):
-    """How an array is viewed by the kernels.
+    """How an array is viewed and cut into tasks by the kernels.
 
     ``view`` is ``(N, C, M)`` for planes, ``(R, W)`` for rows, where each
     row holds ``W // (C * inner)`` tiles of ``C`` channels of ``inner``
-    consecutive elements.
+    consecutive elements. ``counts`` are the elements per channel of each
+    partial state, in merge order (read-only).
     """
 
     view: tuple
@@ -84,32 +95,54 @@ class Layout(NamedTuple):
     channels: int
     inner: int
     count: int  # elements per channel
-
-    @property
-    def rows_per_chunk(self):
-        return max(MIN_ROWS, ROW_CHUNK // self.view[1])
-
-    @property
-    def serial(self):
-        """Whether the kernels run in the calling thread only."""
-        return self.count * self.channels <= SERIAL_MAX
+    counts: np.ndarray
+    rows_per_chunk: int  # rows layout
+    blocks: int  # blocks of channels per chunk of rows (rows layout)
+    serial: bool  # the kernels run in the calling thread only
+    stream: bool  # outputs are written with non-temporal stores
+    by_channel: bool  # planes: one task per channel in training
 
 
-@functools.lru_cache(maxsize=256)
-def layout_of(shape, axis):
-    """The kernel layout of an array of ``shape`` with channels on ``axis``."""
+@functools.lru_cache(maxsize=512)
+def layout_of(shape, axis, itemsize=4):
+    """The kernel layout of an array of ``shape`` with channels on ``axis``
+    and ``itemsize`` bytes per element."""
     channels = shape[axis]
     count = math.prod(shape) // channels
+    nbytes = count * channels * itemsize
+    serial = count * channels <= SERIAL_MAX
+    stream = nbytes > (STREAM_MIN_BYTES if STREAM_MIN_BYTES is not None
+                       else last_level_cache_bytes())
+    if axis == 1 and len(shape) > 2 and math.prod(shape[2:]) >= MIN_PLANE:
+        view = (shape[0], channels, math.prod(shape[2:]))
+        sizes = np.full(-(-view[2] // PLANE_CHUNK), PLANE_CHUNK, dtype=np.float64)
+        sizes[-1] = view[2] - PLANE_CHUNK * (sizes.size - 1)
+        by_channel = (channels >= BY_CHANNEL_MIN
+                      and 2 * count * itemsize <= last_level_cache_bytes() // BY_CHANNEL_SHARE)
+        return Layout(view, True, channels, view[2], count, _frozen(np.tile(sizes, view[0])),
+                      0, 1, serial, stream, by_channel)
     if axis == 1 and len(shape) > 2:
         inner = math.prod(shape[2:])
-        if inner >= MIN_PLANE:
-            return Layout((shape[0], channels, inner), True, channels, inner, count)
         rows, width = shape[0], channels * inner
     else:
         inner, rows, width = 1, count, channels
     # Largest power of two dividing ``rows`` that keeps the tile narrow.
     tile = min(rows & -rows, 1 << max(0, (TILE_WIDTH // width).bit_length() - 1))
-    return Layout((rows // tile, width * tile), False, channels, inner, count)
+    view = (rows // tile, width * tile)
+    rows_per_chunk = max(MIN_ROWS, ROW_CHUNK // view[1])
+    parts = -(-view[0] // rows_per_chunk)
+    sizes = np.full(parts, rows_per_chunk * (view[1] // channels), dtype=np.float64)
+    sizes[-1] = (view[0] - rows_per_chunk * (parts - 1)) * (view[1] // channels)
+    # Too few chunks of rows for the threads: split each into blocks of
+    # channels (independent columns: the same bits).
+    blocks = max(1, min(-(-MIN_TASKS // parts), channels * inner // MIN_BLOCK_WIDTH, channels))
+    return Layout(view, False, channels, inner, count, _frozen(sizes), rows_per_chunk, blocks,
+                  serial, stream, False)
+
+
+def _frozen(a):
+    a.flags.writeable = False
+    return a
 
 
 def _run(layout, name, *args):
@@ -129,21 +162,8 @@ def _run(layout, name, *args):
     return result
 
 
-@functools.lru_cache(maxsize=256)
-def _chunk_counts(layout):
-    """Elements per channel in each partial state, in merge order (read-only)."""
-    if layout.planes:
-        n, _, m = layout.view
-        sizes = np.full(-(-m // PLANE_CHUNK), PLANE_CHUNK, dtype=np.float64)
-        sizes[-1] = m - PLANE_CHUNK * (sizes.size - 1)
-        sizes = np.tile(sizes, n)
-    else:
-        rows, rpc = layout.view[0], layout.rows_per_chunk
-        per_row = layout.view[1] // layout.channels
-        sizes = np.full(-(-rows // rpc), rpc * per_row, dtype=np.float64)
-        sizes[-1] = (rows - rpc * (sizes.size - 1)) * per_row
-    sizes.flags.writeable = False
-    return sizes
+def _stream(layout, out):
+    return layout.stream and out.flags.aligned
 
 
 def merge_moments(counts, means, m2s):
@@ -159,7 +179,7 @@ def update_running(running_mean, running_var, mean, unbiased_var, factor):
 
 def coefficients(mean, var, weight, bias, eps):
     """``(invstd, scale, shift)`` float64 (C,): ``y = x * scale + shift`` is
-    ``(x - mean) / sqrt(var + eps) * weight + bias`` (weight, bias: None or float64)."""
+    ``(x - mean) / sqrt(var + eps) * weight + bias`` (weight, bias: None or float)."""
     return kernels().coefficients(mean, var, weight, bias, eps)
 
 
@@ -169,22 +189,19 @@ def backward_coefficients(s_dy, s_dyx, invstd, weight, count):
     return kernels().backward_coefficients(s_dy, s_dyx, invstd, weight, float(count))
 
 
+# --- one pass over the data ---------------------------------------------------
+
 def moments(x, layout):
     """Per-channel mean and biased variance (float64) in one pass over ``x``."""
     v = x.reshape(layout.view)
     if layout.planes:
-        return _run(layout, "plane_moments", v, PLANE_CHUNK, _chunk_counts(layout))
+        return _run(layout, "plane_moments", v, PLANE_CHUNK, layout.counts)
     return _run(layout, "row_moments", v, layout.rows_per_chunk, layout.channels,
-                layout.inner, _chunk_counts(layout))
+                layout.inner, layout.counts, layout.blocks)
 
 
 def _view(a, layout):
     return None if a is None else a.reshape(layout.view)
-
-
-def _stream(out):
-    limit = STREAM_MIN_BYTES if STREAM_MIN_BYTES is not None else last_level_cache_bytes()
-    return out.nbytes > limit and out.flags.aligned
 
 
 def affine(x, layout, scale, shift, out, *, relu=False, mask=None):
@@ -195,10 +212,11 @@ def affine(x, layout, scale, shift, out, *, relu=False, mask=None):
     """
     v, o, m = x.reshape(layout.view), out.reshape(layout.view), _view(mask, layout)
     if layout.planes:
-        _run(layout, "plane_affine", v, scale, shift, PLANE_CHUNK, bool(relu), m, _stream(out), o)
+        _run(layout, "plane_affine", v, scale, shift, PLANE_CHUNK, bool(relu), m,
+             _stream(layout, out), o)
     else:
         _run(layout, "row_affine", v, scale, shift, layout.channels, layout.inner,
-             bool(relu), m, o)
+             bool(relu), m, _stream(layout, out), o)
     return out
 
 
@@ -209,7 +227,7 @@ def grad_sums(x, dy, layout, mean, *, mask=None):
     if layout.planes:
         return _run(layout, "plane_grad_sums", v, g, m, mean, PLANE_CHUNK)
     return _run(layout, "row_grad_sums", v, g, m, mean, layout.rows_per_chunk,
-                layout.channels, layout.inner)
+                layout.channels, layout.inner, layout.blocks)
 
 
 def grad_input(dy, x, layout, a, b, c, mean, out, *, mask=None):
@@ -217,7 +235,49 @@ def grad_input(dy, x, layout, a, b, c, mean, out, *, mask=None):
     g, v, o = dy.reshape(layout.view), x.reshape(layout.view), out.reshape(layout.view)
     m = _view(mask, layout)
     if layout.planes:
-        _run(layout, "plane_grad_input", g, v, m, a, b, c, mean, PLANE_CHUNK, _stream(out), o)
+        _run(layout, "plane_grad_input", g, v, m, a, b, c, mean, PLANE_CHUNK,
+             _stream(layout, out), o)
     else:
-        _run(layout, "row_grad_input", g, v, m, a, b, c, mean, layout.channels, layout.inner, o)
+        _run(layout, "row_grad_input", g, v, m, a, b, c, mean, layout.channels, layout.inner,
+             _stream(layout, out), o)
     return out
+
+
+# --- a whole forward or backward in one call -------------------------------------
+
+def train(x, layout, running_mean, running_var, factor, weight, bias, eps, relu, out):
+    """Training forward into ``out``: ``(mean, var, invstd, updated)``, float64
+    batch statistics; the running statistics (None, or updated in place unless
+    the batch's are not finite) move by ``factor``."""
+    v, o = x.reshape(layout.view), out.reshape(layout.view)
+    if layout.planes:
+        return _run(layout, "plane_train", v, PLANE_CHUNK, layout.counts, running_mean,
+                    running_var, factor, weight, bias, eps, relu, layout.by_channel,
+                    _stream(layout, out), o)
+    return _run(layout, "row_train", v, layout.rows_per_chunk, layout.channels, layout.inner,
+                layout.counts, layout.blocks, running_mean, running_var, factor, weight, bias,
+                eps, relu, _stream(layout, out), o)
+
+
+def evaluate(x, layout, mean, var, weight, bias, eps, relu, out):
+    """Forward with given statistics (float arrays (C,)) into ``out``; returns invstd."""
+    v, o = x.reshape(layout.view), out.reshape(layout.view)
+    if layout.planes:
+        return _run(layout, "plane_eval", v, PLANE_CHUNK, mean, var, weight, bias, eps, relu,
+                    _stream(layout, out), o)
+    return _run(layout, "row_eval", v, layout.channels, layout.inner, mean, var, weight, bias,
+                eps, relu, _stream(layout, out), o)
+
+
+def backward(dy, x, layout, mask, mean, invstd, weight, training, out):
+    """Input gradient into ``out`` (through the batch statistics if
+    ``training``) and ``(dweight, dbias)`` in ``x``'s dtype; ``mean`` and
+    ``invstd`` float64 (C,)."""
+    g, v, o = dy.reshape(layout.view), x.reshape(layout.view), out.reshape(layout.view)
+    m = _view(mask, layout)
+    if layout.planes:
+        return _run(layout, "plane_backward", g, v, m, mean, invstd, weight, training,
+                    PLANE_CHUNK, float(layout.count), layout.by_channel, _stream(layout, out), o)
+    return _run(layout, "row_backward", g, v, m, mean, invstd, weight, training,
+                layout.rows_per_chunk, layout.channels, layout.inner, layout.blocks,
+                float(layout.count), _stream(layout, out), o)

@@ -7,6 +7,14 @@ import numbers
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = FLOAT_DTYPES
+
+
+def is_device_array(a):
+    """Whether ``a`` lives on a GPU: a Numba device array or any object with
+    ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors)."""
+    return type(a) is not np.ndarray and (bool(getattr(a, "__cuda_ndarray__", False))
+                                          or hasattr(a, "__cuda_array_interface__"))
 
 
 def float_dtype(dtype, name="dtype"):
@@ -26,6 +34,10 @@ def as_array(x, name="x"):
     A copy is made only when needed: other byte order, not C-contiguous, or
     read-only. The caller's array is never written to.
     """
+    if type(x) is np.ndarray and (x.dtype is _F32 or x.dtype is _F64):
+        flags = x.flags
+        if flags.c_contiguous and flags.writeable:
+            return x
     a = np.asarray(x)
     if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
@@ -36,17 +48,27 @@ def as_array(x, name="x"):
     return a
 
 
+#: Where a layer computes: NumPy arrays and the CPU kernels, or numba.cuda.
+DEVICES = ("cpu", "cuda")
+
+
+def device(d):
+    """``d`` must be 'cpu' or 'cuda'."""
+    if d not in DEVICES:
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {d!r}")
+    return d
+
+
 def check_axis(axis):
     if axis not in (1, -1):
         raise ValueError(f"axis must be 1 (channels first) or -1 (channels last), got {axis!r}")
     return axis
 
 
-def check_input(x, axis, num_features=None, allow_empty=False):
-    """Check the shape of an input for channels on ``axis``; return the channel count.
-
-    ``allow_empty``: accept an input with no values (a rank's empty slice of a
-    synchronized batch); it still needs a channel axis of ``num_features``."""
+def check_input(x, axis, num_features=None):
+    """Check the shape of an input for channels on ``axis``; return the channel
+    count. A batch of no samples is accepted (as torch), but not one of no
+    channels."""
     if axis == 1 and not 2 <= x.ndim <= 5:
         raise ValueError(
             f"expected a 2-D to 5-D input (N, C, ...) with axis=1, got shape {x.shape}")
@@ -57,8 +79,8 @@ def check_input(x, axis, num_features=None, allow_empty=False):
         raise ValueError(
             f"expected {num_features} channels on axis {axis}, got {channels} "
             f"(input shape {x.shape})")
-    if x.size == 0 and not (allow_empty and channels > 0):
-        raise ValueError(f"expected a non-empty batch, got input of shape {x.shape}")
+    if channels == 0:
+        raise ValueError(f"expected at least one channel, got input of shape {x.shape}")
     return channels
 
 
@@ -87,10 +109,15 @@ def check_out(out, x):
     return out
 
 
-def channel_vector(v, name, channels):
-    """A per-channel float vector of shape (C,) as float64, or None."""
+def channel_vector(v, name, channels, widen=True):
+    """A per-channel vector of shape (C,) as float64, or None. With ``widen``
+    False a float32 array is returned as it is too (the kernels widen its
+    values, exactly). Arrays that need no conversion are not copied."""
     if v is None:
         return None
+    if (type(v) is np.ndarray and v.shape == (channels,) and v.flags.c_contiguous
+            and (v.dtype is _F64 or (v.dtype is _F32 and not widen))):
+        return v
     a = np.asarray(v)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real array, got dtype {a.dtype}")
@@ -116,10 +143,14 @@ def running_stats(mean, var, channels):
 
 
 def momentum(m, allow_none=False):
+    """A finite momentum (any real number, as torch: ``(1 - m) * running + m *
+    batch``), or None where ``allow_none``; NaN and infinities are refused, they
+    would turn the running statistics into NaN without a word."""
     if m is None and allow_none:
         return None
-    if isinstance(m, bool) or not isinstance(m, numbers.Real) or not 0.0 <= m <= 1.0:
-        raise ValueError(f"momentum must be a number in [0, 1]{' or None' if allow_none else ''}, got {m!r}")
+    if isinstance(m, bool) or not isinstance(m, numbers.Real) or not math.isfinite(m):
+        raise ValueError(f"momentum must be a finite number{' or None' if allow_none else ''}, "
+                         f"got {m!r}")
     return float(m)
 
 
@@ -166,16 +197,14 @@ def activation(a):
     return a
 
 
-def saved_output(y, x, relu, convert=as_array, like=check_like):
+def saved_output(y, x, relu, like):
     """The forward's output ``y`` that a ReLU backward masks with: required
-    with the ReLU, refused without it. ``convert`` and ``like`` check arrays
-    (the GPU path passes its own)."""
+    with the ReLU, refused without it. ``like(y, x, 'y')`` converts and checks
+    it (each backend has its own)."""
     if not relu:
         if y is not None:
             raise ValueError("y (the forward's output) is only used with activation='relu'")
         return None
     if y is None:
         raise ValueError("activation='relu' needs y, the output of the forward pass")
-    y = convert(y, "y")
-    like(y, x, "y")
-    return y
+    return like(y, x, "y")

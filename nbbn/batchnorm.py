@@ -1,12 +1,63 @@
-"""The stateful BatchNorm layer."""
+"""The batch normalization layer: one forward/backward template whose parts
+plug in independently (Keras 2's and Flax's options of one layer, torch's
+names and ``state_dict``):
+
+* where the training statistics come from: the batch, ghost groups of it
+  (``virtual_batch_size``), or all ranks of an MPI communicator (``comm``,
+  :mod:`nbbn.sync`);
+* a correction of the normalization: none, or Batch Renormalization's r and
+  d (:mod:`nbbn.renorm`);
+* the fused activation (``activation='relu'``);
+* the backend, chosen when the layer is built or moved by :meth:`BatchNorm.to`:
+  the CPU kernels or the ``numba.cuda`` ones. The layer never branches on
+  the device.
+
+When no part works between the statistics and the normalization, a group
+takes one call of the backend for its whole forward (and one for its
+backward); otherwise the template calls the pieces (statistics, correction,
+normalization) itself.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
 import numpy as np
 
-from .gpu import backend as _cuda, layers as _cuda_layers
 from . import _validation as check
-from .functional import batch_norm_backward, forward
+from ._cpu import BACKEND as CPU
+from .functional import warn_not_finite
 
-_KEYS_AFFINE = ("weight", "bias")
-_KEYS_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+__all__ = ["BatchNorm"]
+
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class _Group(NamedTuple):
+    """What the backward needs of one group (the batch, or a ghost group)."""
+
+    part: Any  # slice of the batch along axis 0, or None for all of it
+    mean: Any  # float64 (C,), on the backend
+    invstd: Any
+    weight: Any  # the weight the normalization used (gamma, gamma * r, r, or None)
+    correction: Any  # Batch Renormalization's (r, d), or None
+    count: float  # values per channel the statistics were taken over (all ranks)
+
+
+class _Saved(NamedTuple):
+    x: Any
+    y: Any  # the output, kept for the ReLU's mask
+    groups: list
+    batch_stats: bool
+    synced: bool  # the backward is collective
+    overwritten: bool
+
+
+def _backend(device):
+    if check.device(device) == "cpu":
+        return CPU
+    from .gpu.backend import BACKEND as GPU
+    GPU.check_available()
+    return GPU
 
 
 class BatchNorm:
@@ -26,6 +77,8 @@ class BatchNorm:
     track_running_stats : bool
         Keep running averages and use them in eval mode; if False, batch
         statistics are used in both modes.
+    bias : bool
+        With ``affine``, learn beta too (torch 2's ``bias=False``: gamma only).
     axis : {1, -1}
         Channel axis: 1 for (N, C, ...) inputs, -1 for channels-last (..., C).
     dtype : {numpy.float32, numpy.float64}
@@ -40,6 +93,9 @@ class BatchNorm:
         last group may be smaller) and update the running statistics once per
         group, in order; ``num_batches_tracked`` counts groups. Evaluation is
         unchanged. None (default) normalizes the whole batch at once.
+    comm : mpi4py.MPI.Comm, optional
+        Synchronize the training statistics over the ranks of this
+        communicator (:class:`~nbbn.SyncBatchNorm`, docs/sync.md).
     device : {'cpu', 'cuda'}
         Where the parameters live and the layer computes; see :meth:`to`.
 
@@ -50,9 +106,15 @@ class BatchNorm:
     gradients are wrong.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32, activation=None,
-                 virtual_batch_size=None, device="cpu"):
+    #: Batch Renormalization's part (:class:`nbbn.renorm.Renorm`), or None.
+    _correction = None
+    _show_comm = True  # in the repr (SyncBatchNorm's name says it)
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
+                 axis: int = 1, dtype: Any = np.float32, activation: str | None = None,
+                 virtual_batch_size: int | None = None, comm: Any = None,
+                 device: str = "cpu") -> None:
         self.num_features = check.num_features(num_features)
         self.eps = check.eps(eps)
         self.momentum = check.momentum(momentum, allow_none=True)
@@ -60,39 +122,72 @@ class BatchNorm:
         self.dtype = check.float_dtype(dtype)
         self.activation = check.activation(activation)
         self.virtual_batch_size = check.virtual_batch_size(virtual_batch_size)
+        self._collective = None
+        if comm is not None:
+            from .sync import Collective
+            self._collective = Collective(comm)
         self.affine = bool(affine)
+        self.bias = bool(bias) and self.affine
         self.track_running_stats = bool(track_running_stats)
-        c, dt = self.num_features, self.dtype
-        self.gamma = np.ones(c, dt) if self.affine else None
-        self.beta = np.zeros(c, dt) if self.affine else None
-        self.running_mean = np.zeros(c, dt) if self.track_running_stats else None
-        self.running_var = np.ones(c, dt) if self.track_running_stats else None
+        self._backend = CPU
+        self.reset_parameters()
         self.num_batches_tracked = 0
         self.training = True
         self.grad_gamma = self.grad_beta = None
-        self._saved = self._saved_output = None
-        self.device = "cpu"
+        self._saved = None
         self.to(device)
 
-    def __repr__(self):
-        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis}, dtype={self.dtype.name}"
-                + (f", activation={self.activation!r}" if self.activation is not None else "")
-                + (f", virtual_batch_size={self.virtual_batch_size}"
-                   if self.virtual_batch_size is not None else "")
-                + (f", device={self.device!r}" if self.device != "cpu" else "") + ")")
+    @property
+    def comm(self):
+        """The MPI communicator the training statistics span, or None."""
+        return None if self._collective is None else self._collective.comm
 
-    def train(self, mode=True):
+    @property
+    def device(self) -> str:
+        """'cpu' or 'cuda': where the layer computes (see :meth:`to`)."""
+        return self._backend.name
+
+    def __repr__(self) -> str:
+        options = {"bias": self.bias if self.affine and not self.bias else None,
+                   "activation": self.activation, "virtual_batch_size": self.virtual_batch_size,
+                   "comm": self.comm if self._show_comm else None,
+                   "device": self.device if self.device != "cpu" else None}
+        return (f"{type(self).__name__}({self.num_features}, {self._settings()}, "
+                f"axis={self.axis}, dtype={self.dtype.name}"
+                + "".join(f", {k}={v!r}" for k, v in options.items() if v is not None) + ")")
+
+    def _settings(self):
+        return (f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+    # --- state ------------------------------------------------------------------
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, ``num_batches_tracked`` 0 (torch's)."""
+        if self.track_running_stats:
+            c, b = self.num_features, self._backend
+            self.running_mean = b.full(c, 0.0, self.dtype)
+            self.running_var = b.full(c, 1.0, self.dtype)
+        else:
+            self.running_mean = self.running_var = None
+        self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """:meth:`reset_running_stats`, and gamma 1, beta 0 (torch's)."""
+        self.reset_running_stats()
+        c, b = self.num_features, self._backend
+        self.gamma = b.full(c, 1.0, self.dtype) if self.affine else None
+        self.beta = b.full(c, 0.0, self.dtype) if self.bias else None
+
+    def train(self, mode: bool = True) -> BatchNorm:
         """Set training mode (batch statistics, running updates); return self."""
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> BatchNorm:
         """Set evaluation mode (running statistics); return self."""
         return self.train(False)
 
-    def to(self, device):
+    def to(self, device: str) -> BatchNorm:
         """Move the parameters, running statistics and gradients to ``device``;
         return self.
 
@@ -101,177 +196,37 @@ class BatchNorm:
         (``__cuda_array_interface__``) and return Numba device arrays; ``gamma``,
         ``beta`` and the running statistics are device arrays;
         :meth:`state_dict` still returns NumPy arrays. A pending :meth:`backward`
-        is dropped.
+        is dropped. A synchronized layer stages its per-channel collective
+        through the host.
 
         Raises
         ------
         RuntimeError
-            ``'cuda'`` without a GPU (nor ``NUMBA_ENABLE_CUDASIM=1``), or
-            (``NotImplementedError``) for a subclass with its own forward and no
-            GPU path, such as ``SyncBatchNorm``.
+            ``'cuda'`` without a GPU (nor ``NUMBA_ENABLE_CUDASIM=1``).
         """
-        device = _cuda.check_device(device)
-        if device == self.device:
+        backend = _backend(device)
+        if backend is self._backend:
             return self
-        if device == "cuda":
-            if type(self).forward is not type(self)._gpu_forward:
-                raise NotImplementedError(f"{type(self).__name__} has no GPU path (BatchNorm "
-                                          "and BatchRenorm run on device='cuda')")
-            _cuda.cuda()
-        move = _cuda.to_device if device == "cuda" else _cuda.to_host
-        moved = {name: move(getattr(self, name)) for name in
-                 ("gamma", "beta", "running_mean", "running_var", "grad_gamma", "grad_beta")
-                 if getattr(self, name) is not None}
-        for name, value in moved.items():
-            setattr(self, name, value)
-        self.device, self._saved = device, None
+        for name in ("gamma", "beta", "running_mean", "running_var", "grad_gamma", "grad_beta"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, backend.put(value))
+        self._backend, self._saved = backend, None
         return self
 
-    def __call__(self, x, out=None):
-        return self.forward(x, out=out)
-
-    def forward(self, x, out=None):
-        """Normalize ``x``; in training mode also update the running statistics.
-
-        Parameters
-        ----------
-        x : ndarray
-            float32 or float64 with ``num_features`` channels on ``axis``.
-        out : ndarray, optional
-            Where to write the output (shape and dtype of ``x``).
-
-        Returns
-        -------
-        ndarray
-            The output, in the dtype of ``x``.
-        """
-        x = self._input(x)
-        if self.training and self.virtual_batch_size is not None:
-            return self._ghost_forward(x, out)
-        batch_stats = self.training or self.running_mean is None
-        tracking = self.training and self.running_mean is not None
-        factor = self.momentum
-        if tracking and factor is None:
-            factor = 1.0 / (self.num_batches_tracked + 1)
-        y, mean, invstd, updated = forward(
-            x, self.running_mean, self.running_var, self.gamma, self.beta, batch_stats,
-            0.0 if factor is None else factor, self.eps, axis=self.axis, out=out,
-            num_features=self.num_features, activation=self.activation)
-        self.num_batches_tracked += updated
-        if self.device == "cuda":
-            overwritten = out is not None and _cuda.shares_memory(y, x)
-        else:
-            overwritten = out is not None and np.may_share_memory(out, x)
-        self._saved = (x, mean, invstd, batch_stats, overwritten)
-        self._saved_output = y if self.activation is not None else None
-        return y
-
-    #: The forward that also runs on ``device='cuda'``: a subclass that
-    #: overrides :meth:`forward` has no GPU path unless it sets this to its own.
-    _gpu_forward = forward
-
-    def _input(self, x):
-        """``x`` checked and on the layer's device (NumPy input is copied to the GPU)."""
-        if self.device == "cuda":
-            return _cuda.as_input(x)
-        if _cuda.is_device_array(x):
-            raise TypeError("x is a device array but the layer is on the CPU: "
-                            "move the layer with .to('cuda') or pass a NumPy array")
-        return check.as_array(x)
-
-    def backward(self, dy, out=None):
-        """Gradient with respect to the input of the most recent forward.
-
-        Sets ``grad_gamma`` and ``grad_beta`` (None without ``affine``).
-
-        Parameters
-        ----------
-        dy : ndarray
-            Gradient of the loss with respect to the forward's output.
-        out : ndarray, optional
-            Where to write the input gradient.
-
-        Returns
-        -------
-        ndarray
-            The input gradient.
-        """
-        if self._saved is None:
-            raise RuntimeError("backward() called before any forward()")
-        x, mean, invstd, batch_stats, overwritten = self._saved
-        if overwritten:
-            raise RuntimeError("the forward's input was overwritten by its out= argument; "
-                               "backward needs it")
-        if isinstance(mean, list):
-            return self._ghost_backward(dy, out, x, mean)
-        dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, self.gamma, batch_stats,
-                                                axis=self.axis, out=out, y=self._saved_output,
-                                                activation=self.activation)
-        if self.affine and self.device == "cuda":
-            self.grad_gamma = _cuda.astype(dgamma, self.dtype)
-            self.grad_beta = _cuda.astype(dbeta, self.dtype)
-        elif self.affine:
-            self.grad_gamma, self.grad_beta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
-        return dx
-
-    def _ghost_forward(self, x, out):
-        """Training forward of ghost batch normalization: each group of
-        ``virtual_batch_size`` samples along axis 0 is a batch of its own."""
-        channels = check.check_input(_cuda.meta(x), self.axis, self.num_features)
-        out = _cuda_layers.output_like(x, out)
-        k, n = self.virtual_batch_size, x.shape[0]
-        bounds = [(lo, min(lo + k, n)) for lo in range(0, n, k)]
-        for lo, hi in (bounds[0], bounds[-1]):
-            try:
-                check.check_batch_size(_cuda.meta(x[lo:hi]), channels)
-            except ValueError as e:
-                raise ValueError(f"{e} (samples {lo}:{hi} of a batch of shape {tuple(x.shape)}, "
-                                 f"virtual_batch_size={k})") from None
-        groups = []
-        for lo, hi in bounds:
-            factor = self.momentum
-            if factor is None:
-                factor = 1.0 / (self.num_batches_tracked + 1)
-            _, mean, invstd, updated = forward(
-                x[lo:hi], self.running_mean, self.running_var, self.gamma, self.beta, True,
-                factor, self.eps, axis=self.axis, out=out[lo:hi], activation=self.activation)
-            self.num_batches_tracked += updated
-            groups.append((slice(lo, hi), mean, invstd))
-        overwritten = _cuda.shares_memory(out, x)
-        self._saved = (x, groups, None, True, overwritten)
-        self._saved_output = out if self.activation is not None else None
-        return out
-
-    def _ghost_backward(self, dy, out, x, groups):
-        """Backward of :meth:`_ghost_forward`, group by group."""
-        dy = _cuda_layers.input_like(dy, x, "dy")
-        out = _cuda_layers.output_like(x, out)
-        dgamma, dbeta = [], []
-        for part, mean, invstd in groups:
-            y = None if self._saved_output is None else self._saved_output[part]
-            _, dw, db = batch_norm_backward(dy[part], x[part], mean, invstd, self.gamma, True,
-                                            axis=self.axis, out=out[part], y=y,
-                                            activation=self.activation)
-            dgamma.append(dw)
-            dbeta.append(db)
-        if self.affine:
-            self.grad_gamma = _cuda_layers.channel_sum(dgamma, self.dtype)
-            self.grad_beta = _cuda_layers.channel_sum(dbeta, self.dtype)
-        return out
-
-    def _state_keys(self):
-        return (_KEYS_AFFINE if self.affine else ()) + (
-            _KEYS_RUNNING if self.track_running_stats else ())
-
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """Copies of the parameters and running statistics, with the keys of
         ``torch.nn.BatchNorm2d.state_dict()``: NumPy arrays on any device."""
         values = {"weight": self.gamma, "bias": self.beta, "running_mean": self.running_mean,
                   "running_var": self.running_var,
                   "num_batches_tracked": np.array(self.num_batches_tracked, dtype=np.int64)}
-        return {k: _cuda.to_host(values[k]) for k in self._state_keys()}
+        return {k: self._backend.host(values[k]) for k in self._state_keys()}
 
-    def load_state_dict(self, state_dict):
+    def _state_keys(self):
+        keys = (("weight",) if self.affine else ()) + (("bias",) if self.bias else ())
+        return keys + (_STATE_KEYS[2:] if self.track_running_stats else ())
+
+    def load_state_dict(self, state_dict: dict) -> None:
         """Load a state (from :meth:`state_dict` or torch): all of it or, on any
         error, nothing."""
         keys = self._state_keys()
@@ -287,11 +242,189 @@ class BatchNorm:
                     raise ValueError(f"num_batches_tracked must be a non-negative integer, got {v!r}")
                 new[k] = int(v)
             else:
-                new[k] = check.channel_vector(v, k, self.num_features).astype(self.dtype)
-        if self.device == "cuda":
-            new = {k: v if k == "num_batches_tracked" else _cuda.to_device(v)
-                   for k, v in new.items()}
-        for k, attr in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "running_mean"),
-                        ("running_var", "running_var"), ("num_batches_tracked", "num_batches_tracked")):
+                new[k] = self._backend.put(
+                    check.channel_vector(v, k, self.num_features).astype(self.dtype))
+        for k, attr in zip(_STATE_KEYS, ("gamma", "beta", "running_mean", "running_var",
+                                         "num_batches_tracked")):
             if k in new:
                 setattr(self, attr, new[k])
+
+    # --- forward ----------------------------------------------------------------
+    def __call__(self, x, out=None):
+        return self.forward(x, out=out)
+
+    def forward(self, x, out=None):
+        """Normalize ``x``; in training mode also update the running statistics.
+
+        With ``comm``, a training forward is a collective call: every rank
+        makes it, with its own slice of the batch (which may be empty).
+
+        Parameters
+        ----------
+        x : ndarray
+            float32 or float64 with ``num_features`` channels on ``axis``.
+        out : ndarray, optional
+            Where to write the output (shape and dtype of ``x``).
+
+        Returns
+        -------
+        ndarray
+            The output, in the dtype of ``x``.
+        """
+        b = self._backend
+        batch_stats = self.training or self.running_mean is None
+        synced = self.training and self._collective is not None
+        error, groups, last = None, [None], 0
+        try:
+            x = b.input(x)
+            check.check_input(b.meta(x), self.axis, self.num_features)
+            out = b.output(out, x)
+            if batch_stats and self.training and (x.size or synced):
+                groups = self._groups(x, synced)
+                last = (x if groups[-1] is None else x[groups[-1]]).size // self.num_features
+        except Exception as err:  # noqa: BLE001 - a collective must still take place
+            if not synced:
+                raise
+            error = err
+        if not synced and not x.size:  # no samples, nothing to normalize; torch counts it
+            self.num_batches_tracked += self.training and self.running_mean is not None
+            self._saved = _Saved(x, None, [], batch_stats, False, False)
+            return out
+        if not batch_stats:
+            invstd = b.evaluate(x, self.axis, self.running_mean, self.running_var, self.gamma,
+                                self.beta, self.eps, self.activation is not None, out)
+            saved = [_Group(None, b.stats(self.running_mean, "running_mean", self.num_features),
+                            invstd, self.gamma, None, None)]
+        else:
+            saved = []
+            for i, part in enumerate(groups):
+                first = None if i else (error, len(groups), last)
+                saved.append(self._train_group(x, out, part, first, synced))
+        self._saved = _Saved(x, out if self.activation is not None else None, saved, batch_stats,
+                             synced, b.shares_memory(out, x))
+        return out
+
+    def _groups(self, x, synced):
+        """The parts of the batch with statistics of their own: ghost groups
+        of ``virtual_batch_size`` samples along axis 0, or all of it (None)."""
+        k, n = self.virtual_batch_size, x.shape[0]
+        parts = [None] if k is None or n <= k else [slice(lo, min(lo + k, n))
+                                                    for lo in range(0, n, k)]
+        for part in () if synced else (parts[0], parts[-1]):
+            try:
+                check.check_batch_size(self._backend.meta(x if part is None else x[part]),
+                                       self.num_features)
+            except ValueError as e:
+                if k is None:
+                    raise
+                lo, hi = (0, n) if part is None else (part.start, part.stop)
+                raise ValueError(f"{e} (samples {lo}:{hi} of a batch of shape {tuple(x.shape)}, "
+                                 f"virtual_batch_size={k})") from None
+        return parts
+
+    def _factor(self):
+        return 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+
+    def _train_group(self, x, out, part, first, synced):
+        """Training forward of one group: statistics, running update, output.
+        ``first`` (the first group only): a pending error, the number of
+        groups and the last group, which a collective checks on every rank."""
+        b, relu = self._backend, self.activation is not None
+        if first is not None and first[0] is not None:
+            xg = og = None
+        else:
+            xg, og = (x, out) if part is None else (x[part], out[part])
+        tracking = self.running_mean is not None
+        if not synced and self._correction is None:
+            mean, _, invstd, updated = b.train(
+                xg, self.axis, self.running_mean, self.running_var, self._factor(), self.gamma,
+                self.beta, self.eps, relu, og)
+            self._count(tracking, updated)
+            return _Group(part, mean, invstd, self.gamma, None, None)
+        if synced:
+            mean, var, count = self._collective.moments(b, xg, self.axis, self.num_features,
+                                                        first)
+        else:
+            mean, var = b.moments(xg, self.axis)
+            count = xg.size / self.num_features
+        weight, bias, correction = self.gamma, self.beta, None
+        if self._correction is not None:
+            weight, bias, correction, updated = self._correction.correct(
+                b, mean, var, self.running_mean, self.running_var, self.gamma, self.beta,
+                self.eps, self._factor())
+        else:
+            updated = tracking and b.update_running(self.running_mean, self.running_var, mean,
+                                                    var, count, self._factor())
+        self._count(tracking, updated)
+        invstd = b.evaluate(xg, self.axis, mean, var, weight, bias, self.eps, relu, og) \
+            if xg.size else None
+        if invstd is None:
+            invstd = b.invstd(var, self.eps)
+        return _Group(part, mean, invstd, weight, correction, count)
+
+    def _count(self, tracking, updated):
+        if updated:
+            self.num_batches_tracked += 1
+        elif tracking:
+            warn_not_finite(4, "moving statistics" if self._correction is not None
+                            else "running statistics")
+
+    # --- backward ---------------------------------------------------------------
+    def backward(self, dy, out=None):
+        """Gradient with respect to the input of the most recent forward.
+
+        Sets ``grad_gamma`` and ``grad_beta`` (None without ``affine``); with
+        ``comm``, after a training forward, this is a collective call, and they
+        are this rank's contributions (reduce them with the other parameters'
+        gradients).
+
+        Parameters
+        ----------
+        dy : ndarray
+            Gradient of the loss with respect to the forward's output.
+        out : ndarray, optional
+            Where to write the input gradient.
+
+        Returns
+        -------
+        ndarray
+            The input gradient.
+        """
+        saved, b = self._saved, self._backend
+        if saved is None:
+            raise RuntimeError("backward() called before any forward()")
+        error = None
+        try:
+            if saved.overwritten:
+                raise RuntimeError("the forward's input was overwritten by its out= argument; "
+                                   "backward needs it")
+            dy = b.like(dy, saved.x, "dy")
+            out = b.output(out, saved.x)
+        except Exception as err:  # noqa: BLE001 - a collective must still take place
+            if not saved.synced:
+                raise
+            error = err
+        grads = [self._backward_group(saved, g, dy, out, error) for g in saved.groups]
+        if not grads:  # an empty batch
+            grads = [(b.full(self.num_features, 0.0, self.dtype),) * 2]
+        if self.affine:
+            self.grad_gamma = b.channel_sum([g[0] for g in grads], self.dtype)
+        if self.bias:
+            self.grad_beta = b.channel_sum([g[1] for g in grads], self.dtype)
+        return out
+
+    def _backward_group(self, saved, group, dy, out, error):
+        """Input gradient of one group into ``out``; ``(dgamma, dbeta)``."""
+        b, part = self._backend, group.part
+        xg = saved.x if part is None else saved.x[part]
+        dyg, og = (dy, out) if part is None or error is not None else (dy[part], out[part])
+        mask = saved.y if part is None or saved.y is None else saved.y[part]
+        if not saved.synced:
+            dweight, dbias = b.backward(dyg, xg, self.axis, mask, group.mean, group.invstd,
+                                        group.weight, saved.batch_stats, og)
+        else:
+            dweight, dbias = self._collective.backward(b, dyg, xg, self.axis, mask, group, og,
+                                                       error)
+        if group.correction is not None:
+            dweight = b.renorm_grads(*group.correction, dweight, dbias)
+        return dweight, dbias

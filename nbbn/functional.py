@@ -1,15 +1,23 @@
 """Stateless batch normalization, with the semantics of
-``torch.nn.functional.batch_norm`` and its backward."""
+``torch.nn.functional.batch_norm`` and its backward. NumPy arrays run on the
+CPU; device arrays (``__cuda_array_interface__``) on the GPU backend, which
+is imported only then."""
 import warnings
 
 import numpy as np
 
-from .gpu import backend as _cuda
 from . import _validation as check
-from ._engine import (affine, backward_coefficients, coefficients, grad_input, grad_sums,
-                      layout_of, moments, update_running)
+from ._cpu import BACKEND as CPU
 
 __all__ = ["batch_norm", "native_batch_norm", "batch_norm_backward"]
+
+
+def backend_of(*arrays):
+    """The backend of the arrays: the GPU's if any is a device array."""
+    if any(check.is_device_array(a) for a in arrays):
+        from .gpu.backend import BACKEND as GPU
+        return GPU
+    return CPU
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
@@ -49,8 +57,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     ndarray
         The normalized input, in the dtype of ``x``.
     """
-    return forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                   axis=axis, out=out, activation=activation)[0]
+    return _forward(x, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                    out, activation, False)[0]
 
 
 def native_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
@@ -64,57 +72,49 @@ def native_batch_norm(x, running_mean, running_var, weight, bias, training, mome
         The mean and ``1 / sqrt(var + eps)`` used: the batch's in training,
         the running ones otherwise. :func:`batch_norm_backward` takes them.
     """
-    return forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                   axis=axis, out=out, activation=activation)[:3]
+    return _forward(x, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                    out, activation, True)
 
 
-def forward(x, running_mean, running_var, weight, bias, training, momentum, eps, *,
-            axis=1, out=None, num_features=None, activation=None):
-    """:func:`native_batch_norm`, also returning whether the running
-    statistics were updated (the layer counts batches by it)."""
+def _forward(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out,
+             activation, want_mean):
+    """``(y, mean, invstd)``, the arguments checked; in evaluation ``mean``
+    is the running mean as float64 if ``want_mean``, else None."""
     relu = check.activation(activation) is not None
-    if _cuda.is_device_array(x):
-        return _cuda.forward(x, running_mean, running_var, weight, bias, training, momentum,
-                             eps, axis=axis, out=out, num_features=num_features,
-                             activation=activation)
-    x = check.as_array(x)
-    channels = check.check_input(x, check.check_axis(axis), num_features)
-    weight = check.channel_vector(weight, "weight", channels)
-    bias = check.channel_vector(bias, "bias", channels)
-    check.running_stats(running_mean, running_var, channels)
+    backend = CPU if type(x) is np.ndarray else backend_of(x)
+    x = backend.input(x)
+    if x.ndim == 1 and x.size == 0:  # torch's degenerate case: nothing to do or check
+        return backend.output(out, x), backend.full(0, np.nan, np.float64), \
+            backend.full(0, np.nan, np.float64)
+    channels = check.check_input(backend.meta(x), check.check_axis(axis))
+    weight = backend.vector(weight, "weight", channels)
+    bias = backend.vector(bias, "bias", channels)
+    backend.running_stats(running_mean, running_var, channels)
     momentum, eps = check.momentum(momentum), check.eps(eps)
-    out = np.empty_like(x) if out is None else check.check_out(out, x)
-    layout = layout_of(x.shape, axis)
-    updated = False
     if training:
-        check.check_batch_size(x, channels)
-        mean, var = moments(x, layout)
-        if running_mean is not None:
-            updated = _update_running(running_mean, running_var, mean, var, layout.count,
-                                      momentum)
+        check.check_batch_size(backend.meta(x), channels)
     elif running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
-    else:
-        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
-    y, invstd = normalize(x, layout, mean, var, weight, bias, eps, out, relu=relu)
-    return y, mean, invstd, updated
+    out = backend.output(out, x)
+    if not x.size:  # no samples: nothing to normalize, the statistics are undefined
+        undefined = backend.full(channels, np.nan, np.float64)
+        return out, undefined, undefined
+    if not training:
+        invstd = backend.evaluate(x, axis, running_mean, running_var, weight, bias, eps, relu,
+                                  out)
+        mean = backend.stats(running_mean, "running_mean", channels) if want_mean else None
+        return out, mean, invstd
+    mean, _, invstd, updated = backend.train(x, axis, running_mean, running_var, momentum,
+                                             weight, bias, eps, relu, out)
+    if running_mean is not None and not updated:
+        warn_not_finite(3)
+    return out, mean, invstd
 
 
-def normalize(x, layout, mean, var, weight, bias, eps, out, relu=False):
-    """Write ``(x - mean) / sqrt(var + eps) * weight + bias`` into ``out``
-    (then ``max(out, 0)`` if ``relu``); return ``(out, invstd)``. Inputs
-    already validated, statistics float64."""
-    invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
-    return affine(x, layout, scale, shift, out, relu=relu), invstd
-
-
-def _update_running(running_mean, running_var, mean, var, count, factor):
-    """Update the running statistics unless the batch's are not finite."""
-    if not update_running(running_mean, running_var, mean, var * (count / (count - 1)), factor):
-        warnings.warn("batch statistics are not finite (NaN or Inf in the input): "
-                      "running statistics were not updated", RuntimeWarning, stacklevel=4)
-        return False
-    return True
+def warn_not_finite(stacklevel, what="running statistics"):
+    """Say that a batch with NaN or Inf left the running statistics as they were."""
+    warnings.warn(f"batch statistics are not finite (NaN or Inf in the input): {what} were "
+                  "not updated", RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis=1, out=None,
@@ -154,32 +154,22 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis
         where ``g`` is ``dy`` (masked by ``y > 0`` with the ReLU).
     """
     relu = check.activation(activation) is not None
-    if _cuda.is_device_array(x) or _cuda.is_device_array(dy):
-        return _cuda.backward(dy, x, mean, invstd, weight, training, axis=axis, out=out, y=y,
-                              activation=activation)
-    x = check.as_array(x)
-    channels = check.check_input(x, check.check_axis(axis))
-    dy = check.as_array(dy, "dy")
-    check.check_like(dy, x, "dy")
-    mean = check.channel_vector(mean, "mean", channels)
-    invstd = check.channel_vector(invstd, "invstd", channels)
-    weight = check.channel_vector(weight, "weight", channels)
-    mask = check.saved_output(y, x, relu)
-    out = np.empty_like(x) if out is None else check.check_out(out, x)
-    layout = layout_of(x.shape, axis)
-    s_dy, s_dyx = grad_sums(x, dy, layout, mean, mask=mask)
-    dweight = s_dyx * invstd
-    if training:
-        grad_input(dy, x, layout, *grad_coefficients(s_dy, s_dyx, invstd, weight, layout.count),
-                   mean, out, mask=mask)
-    else:
-        a = invstd if weight is None else weight * invstd
-        affine(dy, layout, a, np.zeros_like(a), out, mask=mask)
-    return out, dweight.astype(x.dtype), s_dy.astype(x.dtype)
-
-
-def grad_coefficients(s_dy, s_dyx, invstd, weight, count):
-    """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c`` for batch statistics
-    over ``count`` values per channel, from the per-channel sums ``s_dy = sum(dy)``
-    and ``s_dyx = sum(dy * (x - mean))`` over those values (all float64)."""
-    return backward_coefficients(s_dy, s_dyx, invstd, weight, count)
+    backend = CPU if type(x) is np.ndarray and type(dy) is np.ndarray else backend_of(x, dy)
+    x = backend.input(x)
+    if x.ndim == 1 and x.size == 0:  # torch's degenerate case
+        dy = backend.like(dy, x, "dy")
+        zeros = backend.full(0, 0.0, x.dtype)
+        return backend.output(out, x), zeros, zeros
+    channels = check.check_input(backend.meta(x), check.check_axis(axis))
+    dy = backend.like(dy, x, "dy")
+    mean = backend.stats(mean, "mean", channels)
+    invstd = backend.stats(invstd, "invstd", channels)
+    weight = backend.vector(weight, "weight", channels)
+    mask = check.saved_output(y, x, relu, backend.like)
+    out = backend.output(out, x)
+    if not x.size:  # no samples: no gradient
+        zeros = backend.full(channels, 0.0, x.dtype)
+        return out, zeros, zeros
+    dweight, dbias = backend.backward(dy, x, axis, mask, mean, invstd, weight, bool(training),
+                                      out)
+    return out, dweight, dbias

@@ -10,11 +10,13 @@ block states (count, mean, M2) are merged with Chan's formula; all
 accumulation is in float64. ``relu`` variants compute ``max(v, 0)`` in the
 same pass (NaN propagates); ``mask`` variants read a saved ReLU output and
 treat the gradient as 0 where ``mask > 0`` is false, as the ReLU backward does.
+Loops that write stream their stores past the caches when asked (``stream``).
 """
 import numpy as np
 from numba import njit
 
-from ._jit import STREAM_BYTES, store_fence, stream_axpb, stream_grad_input
+from ._jit import (STREAM_BYTES, at, head, row, store_fence, stream_axpb, stream_grad_input,
+                   tail)
 
 #: Elements whose second moment is taken while they sit in L1.
 BLOCK = 2048
@@ -84,164 +86,189 @@ def _grad_dot(x, dy, mask, mean):
 
 
 # No fastmath below: a fused multiply-add would turn x*a - mean*a into a
-# rounding residual instead of the exact zero of a constant channel.
+# rounding residual instead of the exact zero of a constant channel. The
+# coefficients ``a, b, c, mean`` are scalars (a span of one channel) or
+# float64 arrays indexed like the span (a row of the rows layout), see ``at``.
 
 @njit(cache=True)
-def _axpb(x, a, b, out):
-    for i in range(x.shape[0]):
-        out[i] = x[i] * a + b
-
-
-@njit(cache=True)
-def _axpb_relu(x, a, b, relu, out):
+def _axpb(x, a, b, relu, out):
     if relu:
         for i in range(x.shape[0]):
-            v = x[i] * a + b
+            v = x[i] * at(a, i) + at(b, i)
             out[i] = 0.0 if v < 0.0 else v
     else:
-        _axpb(x, a, b, out)
+        for i in range(x.shape[0]):
+            out[i] = x[i] * at(a, i) + at(b, i)
 
 
 @njit(cache=True)
 def _stream_parts(out):
-    """(head, body): ``out[head:body]`` starts 64-byte aligned and holds whole
+    """(start, end): ``out[start:end]`` starts 64-byte aligned and holds whole
     vectors of ``STREAM_BYTES``; the rest is written with plain stores."""
     n = out.shape[0]
-    head = min((-out.ctypes.data) % STREAM_BYTES // out.itemsize, n)
+    start = min((-out.ctypes.data) % STREAM_BYTES // out.itemsize, n)
     w = STREAM_BYTES // out.itemsize
-    return head, head + (n - head) // w * w
+    return start, start + (n - start) // w * w
 
 
 @njit(cache=True)
 def _affine_span(x, a, b, relu, mask, stream, out):
+    """``out = x * a + b`` (ReLU'd if ``relu``; 0 where ``mask > 0`` is false
+    unless ``mask`` is None), non-temporal stores if ``stream``."""
     if mask is not None:
         for i in range(x.shape[0]):
-            out[i] = x[i] * a + b if mask[i] > 0 else 0.0
+            out[i] = x[i] * at(a, i) + at(b, i) if mask[i] > 0 else 0.0
     elif stream:
-        head, body = _stream_parts(out)
-        _axpb_relu(x[:head], a, b, relu, out[:head])
-        for i in range(head, body, STREAM_BYTES // out.itemsize):
+        start, body = _stream_parts(out)
+        _axpb(x[:start], a, b, relu, out[:start])
+        for i in range(start, body, STREAM_BYTES // out.itemsize):
             stream_axpb(x, i, a, b, relu, out)
-        _axpb_relu(x[body:], a, b, relu, out[body:])
+        _axpb(x[body:], tail(a, body), tail(b, body), relu, out[body:])
         store_fence()
     else:
-        _axpb_relu(x, a, b, relu, out)
-
-
-@njit(cache=True)
-def _axpb_columns(x, a, b, relu, mask, out):
-    if mask is not None:
-        for j in range(x.shape[0]):
-            out[j] = x[j] * a[j] + b[j] if mask[j] > 0 else 0.0
-    elif relu:
-        for j in range(x.shape[0]):
-            v = x[j] * a[j] + b[j]
-            out[j] = 0.0 if v < 0.0 else v
-    else:
-        for j in range(x.shape[0]):
-            out[j] = x[j] * a[j] + b[j]
+        _axpb(x, a, b, relu, out)
 
 
 @njit(cache=True)
 def _grad_input_plain(dy, x, mask, a, b, c, mean, out):
     if mask is None:
         for i in range(x.shape[0]):
-            out[i] = dy[i] * a + (x[i] - mean) * b + c
+            out[i] = dy[i] * at(a, i) + (x[i] - at(mean, i)) * at(b, i) + at(c, i)
     else:
         for i in range(x.shape[0]):
             g = dy[i] + 0.0 if mask[i] > 0 else 0.0
-            out[i] = g * a + (x[i] - mean) * b + c
+            out[i] = g * at(a, i) + (x[i] - at(mean, i)) * at(b, i) + at(c, i)
 
 
 @njit(cache=True)
 def _grad_input_span(dy, x, mask, a, b, c, mean, stream, out):
+    """``out = g * a + (x - mean) * b + c``, ``g`` being ``dy``, or 0 where
+    ``mask > 0`` is false; non-temporal stores if ``stream``."""
     if not stream:
         _grad_input_plain(dy, x, mask, a, b, c, mean, out)
         return
-    head, body = _stream_parts(out)
-    step = STREAM_BYTES // out.itemsize
-    if mask is None:
-        _grad_input_plain(dy[:head], x[:head], None, a, b, c, mean, out[:head])
-        for i in range(head, body, step):
-            stream_grad_input(dy, x, None, i, a, b, c, mean, out)
-        _grad_input_plain(dy[body:], x[body:], None, a, b, c, mean, out[body:])
-    else:
-        _grad_input_plain(dy[:head], x[:head], mask[:head], a, b, c, mean, out[:head])
-        for i in range(head, body, step):
-            stream_grad_input(dy, x, mask, i, a, b, c, mean, out)
-        _grad_input_plain(dy[body:], x[body:], mask[body:], a, b, c, mean, out[body:])
+    start, body = _stream_parts(out)
+    _grad_input_plain(dy[:start], x[:start], head(mask, start), a, b, c, mean, out[:start])
+    for i in range(start, body, STREAM_BYTES // out.itemsize):
+        stream_grad_input(dy, x, mask, i, a, b, c, mean, out)
+    _grad_input_plain(dy[body:], x[body:], tail(mask, body), tail(a, body), tail(b, body),
+                      tail(c, body), tail(mean, body), out[body:])
     store_fence()
 
 
-@njit(cache=True)
-def _grad_input_columns(dy, x, mask, a, b, c, mean, out):
-    if mask is None:
-        for j in range(x.shape[0]):
-            out[j] = dy[j] * a[j] + (x[j] - mean[j]) * b[j] + c[j]
-    else:
-        for j in range(x.shape[0]):
-            g = dy[j] + 0.0 if mask[j] > 0 else 0.0
-            out[j] = g * a[j] + (x[j] - mean[j]) * b[j] + c[j]
-
-
-# Column sums over rows r0..r1 of (R, W) arrays into float64 accumulators,
-# four rows per visit of the accumulator (a quarter of its loads and stores).
+# Rows: the same per element, four rows per visit of the coefficient arrays
+# (a quarter of their loads), for outputs that stay in the caches.
 
 @njit(cache=True)
-def _add_columns(acc, x, r0, r1):
+def _axpb_rows(x, r0, r1, a, b, relu, out):
     r = r0
     while r + 4 <= r1:
-        a, b, c, d = x[r], x[r + 1], x[r + 2], x[r + 3]
+        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+        o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
+        if relu:
+            for j in range(a.shape[0]):
+                aj, bj = a[j], b[j]
+                v0, v1, v2, v3 = x0[j] * aj + bj, x1[j] * aj + bj, x2[j] * aj + bj, x3[j] * aj + bj
+                o0[j] = 0.0 if v0 < 0.0 else v0
+                o1[j] = 0.0 if v1 < 0.0 else v1
+                o2[j] = 0.0 if v2 < 0.0 else v2
+                o3[j] = 0.0 if v3 < 0.0 else v3
+        else:
+            for j in range(a.shape[0]):
+                aj, bj = a[j], b[j]
+                o0[j] = x0[j] * aj + bj
+                o1[j] = x1[j] * aj + bj
+                o2[j] = x2[j] * aj + bj
+                o3[j] = x3[j] * aj + bj
+        r += 4
+    for k in range(r, r1):
+        _axpb(x[k], a, b, relu, out[k])
+
+
+@njit(cache=True)
+def _grad_input_rows(dy, x, r0, r1, a, b, c, mean, out):
+    r = r0
+    while r + 4 <= r1:
+        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+        g0, g1, g2, g3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
+        o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
+        for j in range(a.shape[0]):
+            aj, bj, cj, mj = a[j], b[j], c[j], mean[j]
+            o0[j] = g0[j] * aj + (x0[j] - mj) * bj + cj
+            o1[j] = g1[j] * aj + (x1[j] - mj) * bj + cj
+            o2[j] = g2[j] * aj + (x2[j] - mj) * bj + cj
+            o3[j] = g3[j] * aj + (x3[j] - mj) * bj + cj
+        r += 4
+    for k in range(r, r1):
+        _grad_input_plain(dy[k], x[k], None, a, b, c, mean, out[k])
+
+
+# Column sums over rows r0..r1, columns lo..lo+len(acc), of (R, W) arrays into
+# float64 accumulators, four rows per visit of the accumulator.
+
+@njit(cache=True)
+def _add_columns(acc, x, r0, r1, lo):
+    hi = lo + acc.shape[0]
+    r = r0
+    while r + 4 <= r1:
+        a, b, c, d = x[r, lo:hi], x[r + 1, lo:hi], x[r + 2, lo:hi], x[r + 3, lo:hi]
         for j in range(acc.shape[0]):
             acc[j] += (a[j] + 0.0 + b[j]) + (c[j] + 0.0 + d[j])
         r += 4
     for k in range(r, r1):
-        a = x[k]
+        a = x[k, lo:hi]
         for j in range(acc.shape[0]):
             acc[j] += a[j]
 
 
 @njit(cache=True)
-def _add_squared_deviations(acc, x, r0, r1, mean):
+def _add_squared_deviations(acc, x, r0, r1, lo, mean):
+    hi = lo + acc.shape[0]
     r = r0
     while r + 4 <= r1:
-        a, b, c, d = x[r], x[r + 1], x[r + 2], x[r + 3]
+        a, b, c, d = x[r, lo:hi], x[r + 1, lo:hi], x[r + 2, lo:hi], x[r + 3, lo:hi]
         for j in range(acc.shape[0]):
             da, db, dc, dd = a[j] - mean[j], b[j] - mean[j], c[j] - mean[j], d[j] - mean[j]
             acc[j] += (da * da + db * db) + (dc * dc + dd * dd)
         r += 4
     for k in range(r, r1):
-        a = x[k]
+        a = x[k, lo:hi]
         for j in range(acc.shape[0]):
             da = a[j] - mean[j]
             acc[j] += da * da
 
 
 @njit(cache=True)
-def _gradient(dy, mask, r, j):
-    """``dy[r, j]`` as float64, 0 where ``mask[r, j] > 0`` is false (if a mask)."""
+def _gradient(dy, mask, j):
+    """``dy[j]`` as float64, 0 where ``mask[j] > 0`` is false (if a mask)."""
     if mask is None:
-        return dy[r, j] + 0.0
-    return dy[r, j] + 0.0 if mask[r, j] > 0 else 0.0
+        return dy[j] + 0.0
+    return dy[j] + 0.0 if mask[j] > 0 else 0.0
 
 
 @njit(cache=True)
-def _add_grad_columns(s_dy, s_dyx, x, dy, mask, r0, r1, mean):
+def _add_grad_columns(s_dy, s_dyx, x, dy, mask, r0, r1, lo, mean):
+    hi = lo + s_dy.shape[0]
     r = r0
     while r + 4 <= r1:
+        xa, xb, xc, xd = x[r, lo:hi], x[r + 1, lo:hi], x[r + 2, lo:hi], x[r + 3, lo:hi]
+        da, db, dc, dd = dy[r, lo:hi], dy[r + 1, lo:hi], dy[r + 2, lo:hi], dy[r + 3, lo:hi]
+        ma, mb = row(mask, r, lo, hi), row(mask, r + 1, lo, hi)
+        mc, md = row(mask, r + 2, lo, hi), row(mask, r + 3, lo, hi)
         for j in range(s_dy.shape[0]):
-            ga, gb = _gradient(dy, mask, r, j), _gradient(dy, mask, r + 1, j)
-            gc, gd = _gradient(dy, mask, r + 2, j), _gradient(dy, mask, r + 3, j)
+            ga, gb = _gradient(da, ma, j), _gradient(db, mb, j)
+            gc, gd = _gradient(dc, mc, j), _gradient(dd, md, j)
             m = mean[j]
             s_dy[j] += (ga + gb) + (gc + gd)
-            s_dyx[j] += ((ga * (x[r, j] - m) + gb * (x[r + 1, j] - m))
-                         + (gc * (x[r + 2, j] - m) + gd * (x[r + 3, j] - m)))
+            s_dyx[j] += ((ga * (xa[j] - m) + gb * (xb[j] - m))
+                         + (gc * (xc[j] - m) + gd * (xd[j] - m)))
         r += 4
     for k in range(r, r1):
+        xk, dk, mk = x[k, lo:hi], dy[k, lo:hi], row(mask, k, lo, hi)
         for j in range(s_dy.shape[0]):
-            g = _gradient(dy, mask, k, j)
+            g = _gradient(dk, mk, j)
             s_dy[j] += g
-            s_dyx[j] += g * (x[k, j] - mean[j])
+            s_dyx[j] += g * (xk[j] - mean[j])
 
 
 @njit(cache=True)

@@ -6,43 +6,62 @@ Two memory layouts cover every input (see ``nbbn._engine.layout_of``):
 * planes: ``x`` viewed as ``(N, C, M)``; one task per chunk of an ``(n, c)``
   plane, so that few channels still keep every core busy;
 * rows: ``x`` viewed as ``(R, W)`` with ``W = T * C * M`` columns, channel of
-  column ``j`` is ``(j // M) % C``; one task per fixed chunk of rows with
-  per-column partial states, folded to per-channel states inside the task.
+  column ``j`` is ``(j // M) % C``; one statistics task per fixed chunk of
+  rows (and block of channels), with per-column partial states folded to
+  per-channel states inside the task.
 
-Tasks are fixed by the shape, never by the thread count, and partial states
-are merged serially in task order, so results are bitwise reproducible for any
-``numba.set_num_threads``. Every parallel kernel has a ``*_serial`` twin
-(same code, ``prange`` run as ``range``; no thread launch, for small inputs):
-same tasks, same order, same bits.
+Statistics tasks are fixed by the shape, never by the thread count, and
+partial states are merged serially in task order (channel blocks only split
+independent columns), so results are bitwise reproducible for any
+``numba.set_num_threads``.
+
+The passes over the data (``_*_pass``) are inlined into the kernels, so that
+one call does a whole forward or backward (``*_train``, ``*_eval``,
+``*_backward``: one dispatch, the per-channel arithmetic in between); the
+planes kernels can also give each task a whole channel (``by_channel``),
+which normalizes a channel while it is still in the cache. The single
+passes stay kernels of their own for the layers that work between them
+(synchronized statistics, Batch Renormalization). Every parallel kernel has a
+``*_serial`` twin (same code, ``prange`` run as ``range``; no thread launch,
+for small inputs): same tasks, same order, same bits.
 """
 import numpy as np
 from numba import njit, prange
 
 from ._jit import row, serial_twin, span
 from .kernel_loops import (_add_columns, _add_grad_columns, _add_squared_deviations,
-                           _affine_span, _axpb_columns, _expand, _fold_columns, _grad_dot,
-                           _grad_input_columns, _grad_input_span, _span_moments)
+                           _affine_span, _axpb_rows, _expand, _fold_columns, _grad_dot,
+                           _grad_input_rows, _grad_input_span, _span_moments)
 
+#: Rows per task of the row-wise passes.
+ROW_GROUP = 4
+
+
+# --- per channel -------------------------------------------------------------
 
 @njit(cache=True)
-def merge_moments(counts, means, m2s):
-    """Merge partial states ``(counts[p], means[p, :], m2s[p, :])`` in order."""
-    n_parts, channels = means.shape
-    mean = np.zeros(channels)
-    m2 = np.zeros(channels)
-    n = 0.0
-    for p in range(n_parts):
+def _merge_channel(counts, means, m2s):
+    """(mean, M2) of one channel from its partial states, merged in order (Chan)."""
+    mean = m2 = n = 0.0
+    for p in range(counts.shape[0]):
         n_b = counts[p]
         if n_b == 0:
             continue
         total = n + n_b
         w = n_b / total
-        f = n * w
-        for c in range(channels):
-            delta = means[p, c] - mean[c]
-            mean[c] += delta * w
-            m2[c] += m2s[p, c] + delta * delta * f
+        delta = means[p] - mean
+        mean += delta * w
+        m2 += m2s[p] + delta * delta * (n * w)
         n = total
+    return mean, m2
+
+
+@njit(cache=True)
+def merge_moments(counts, means, m2s):
+    """Merge partial states ``(counts[p], means[p, :], m2s[p, :])`` in order."""
+    mean, m2 = np.empty(means.shape[1]), np.empty(means.shape[1])
+    for c in range(means.shape[1]):
+        mean[c], m2[c] = _merge_channel(counts, means[:, c], m2s[:, c])
     return mean, m2
 
 
@@ -63,142 +82,47 @@ def _sum_parts(parts):
     return out
 
 
-# --- tasks -------------------------------------------------------------------
 @njit(cache=True)
-def _n_chunks(m, chunk):
-    return (m + chunk - 1) // chunk
-
-
-@njit(cache=True)
-def _plane_task(t, shape, chunk):
-    """(n, c, lo, hi, part) of planes task ``t``."""
-    channels, m = shape[1], shape[2]
-    k_chunks = _n_chunks(m, chunk)
-    n = t // (channels * k_chunks)
-    lo = (t % k_chunks) * chunk
-    return n, (t // k_chunks) % channels, lo, min(lo + chunk, m), n * k_chunks + t % k_chunks
+def _coefficient(mean, var, weight, bias, eps, c):
+    """``(invstd, scale, shift)`` of channel ``c``: ``y = x * scale + shift``."""
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd if weight is None else weight[c] * invstd
+    shift = -mean * scale if bias is None else bias[c] - mean * scale
+    return invstd, scale, shift
 
 
 @njit(cache=True)
-def _row_moments_task(p, x, rows_per_chunk, channels, inner, means, m2s):
-    n_rows, width = x.shape
-    tiles = width // (channels * inner)
-    r0 = p * rows_per_chunk
-    r1 = min(r0 + rows_per_chunk, n_rows)
-    col_mean = np.zeros(width)
-    _add_columns(col_mean, x, r0, r1)
-    col_mean *= 1.0 / (r1 - r0)
-    col_m2 = np.zeros(width)
-    _add_squared_deviations(col_m2, x, r0, r1, col_mean)
-    # Fold the tiles * inner columns of each channel: equal counts.
-    ch_mean = _fold_columns(col_mean, channels, inner, None) / (tiles * inner)
-    means[p] = ch_mean
-    m2s[p] = (_fold_columns(col_m2, channels, inner, None)
-              + (r1 - r0) * _fold_columns(col_mean, channels, inner, ch_mean))
+def coefficients(mean, var, weight, bias, eps):
+    """``(invstd, scale, shift)`` of ``y = x * scale + shift`` per channel;
+    ``weight``, ``bias`` may be None."""
+    invstd, scale, shift = np.empty(mean.shape[0]), np.empty(mean.shape[0]), np.empty(mean.shape[0])
+    for c in range(mean.shape[0]):
+        invstd[c], scale[c], shift[c] = _coefficient(mean[c] + 0.0, var[c] + 0.0, weight, bias,
+                                                     eps, c)
+    return invstd, scale, shift
 
 
 @njit(cache=True)
-def _row_grad_sums_task(p, x, dy, mask, mean, rows_per_chunk, channels, inner, s_dy, s_dyx):
-    n_rows, width = x.shape
-    r0 = p * rows_per_chunk
-    r1 = min(r0 + rows_per_chunk, n_rows)
-    col_dy = np.zeros(width)
-    col_dyx = np.zeros(width)
-    _add_grad_columns(col_dy, col_dyx, x, dy, mask, r0, r1, mean)
-    s_dy[p] = _fold_columns(col_dy, channels, inner, None)
-    s_dyx[p] = _fold_columns(col_dyx, channels, inner, None)
+def _grad_coefficient(s_dy, s_dyx, invstd, weight, count, c):
+    """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c`` for channel ``c``."""
+    a = invstd if weight is None else weight[c] * invstd
+    return a, -a * invstd * (s_dyx * invstd) / count, -a * s_dy / count
 
 
-# --- parallel kernels (serial twins at the end) ------------------------------
-
-@njit(parallel=True, cache=True)
-def plane_moments(x, chunk, counts):
-    """Per-channel (mean, biased variance) of ``x`` (N, C, M); ``counts[p]``:
-    elements per channel in part ``p``."""
-    parts = x.shape[0] * _n_chunks(x.shape[2], chunk)
-    means = np.empty((parts, x.shape[1]))
-    m2s = np.empty((parts, x.shape[1]))
-    for t in prange(parts * x.shape[1]):
-        n, c, lo, hi, part = _plane_task(t, x.shape, chunk)
-        means[part, c], m2s[part, c] = _span_moments(x[n, c, lo:hi])
-    return _mean_var(counts, means, m2s)
+@njit(cache=True)
+def backward_coefficients(s_dy, s_dyx, invstd, weight, count):
+    """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c`` per channel, for
+    batch statistics over ``count`` values; ``weight`` may be None."""
+    a, b, c = np.empty(s_dy.shape[0]), np.empty(s_dy.shape[0]), np.empty(s_dy.shape[0])
+    for k in range(s_dy.shape[0]):
+        a[k], b[k], c[k] = _grad_coefficient(s_dy[k], s_dyx[k], invstd[k], weight, count, k)
+    return a, b, c
 
 
-@njit(parallel=True, cache=True)
-def row_moments(x, rows_per_chunk, channels, inner, counts):
-    """Per-channel (mean, biased variance) of ``x`` (R, W)."""
-    means = np.empty((counts.shape[0], channels))
-    m2s = np.empty((counts.shape[0], channels))
-    for p in prange(counts.shape[0]):
-        _row_moments_task(p, x, rows_per_chunk, channels, inner, means, m2s)
-    return _mean_var(counts, means, m2s)
-
-
-@njit(parallel=True, cache=True)
-def plane_affine(x, scale, shift, chunk, relu, mask, stream, out):
-    """``out = x * scale[c] + shift[c]`` for ``x`` (N, C, M); ReLU'd if
-    ``relu``; 0 where ``mask > 0`` is false unless ``mask`` is None; with
-    non-temporal stores if ``stream``."""
-    for t in prange(x.shape[0] * x.shape[1] * _n_chunks(x.shape[2], chunk)):
-        n, c, lo, hi, _ = _plane_task(t, x.shape, chunk)
-        _affine_span(x[n, c, lo:hi], scale[c], shift[c], relu,
-                     span(mask, n, c, lo, hi), stream, out[n, c, lo:hi])
-
-
-@njit(parallel=True, cache=True)
-def row_affine(x, scale, shift, channels, inner, relu, mask, out):
-    """:func:`plane_affine` row by row for ``x`` (R, W), coefficients (C,)."""
-    a = _expand(scale, channels, inner, x.shape[1])
-    b = _expand(shift, channels, inner, x.shape[1])
-    for r in prange(x.shape[0]):
-        _axpb_columns(x[r], a, b, relu, row(mask, r), out[r])
-
-
-@njit(parallel=True, cache=True)
-def plane_grad_sums(x, dy, mask, mean, chunk):
-    """Per-channel ``sum(g)`` and ``sum(g * (x - mean[c]))`` for (N, C, M)
-    arrays, ``g`` being ``dy``, masked by ``mask > 0`` unless ``mask`` is None."""
-    parts = x.shape[0] * _n_chunks(x.shape[2], chunk)
-    s_dy = np.empty((parts, x.shape[1]))
-    s_dyx = np.empty((parts, x.shape[1]))
-    for t in prange(parts * x.shape[1]):
-        n, c, lo, hi, part = _plane_task(t, x.shape, chunk)
-        s_dy[part, c], s_dyx[part, c] = _grad_dot(
-            x[n, c, lo:hi], dy[n, c, lo:hi], span(mask, n, c, lo, hi), mean[c])
-    return _sum_parts(s_dy), _sum_parts(s_dyx)
-
-
-@njit(parallel=True, cache=True)
-def row_grad_sums(x, dy, mask, mean, rows_per_chunk, channels, inner):
-    """:func:`plane_grad_sums` for ``x`` (R, W), ``mean`` (C,)."""
-    parts = _n_chunks(x.shape[0], rows_per_chunk)
-    s_dy = np.empty((parts, channels))
-    s_dyx = np.empty((parts, channels))
-    m = _expand(mean, channels, inner, x.shape[1])
-    for p in prange(parts):
-        _row_grad_sums_task(p, x, dy, mask, m, rows_per_chunk, channels, inner, s_dy, s_dyx)
-    return _sum_parts(s_dy), _sum_parts(s_dyx)
-
-
-@njit(parallel=True, cache=True)
-def plane_grad_input(dy, x, mask, a, b, c, mean, chunk, stream, out):
-    """``out = g * a + (x - mean) * b + c`` per channel for (N, C, M) arrays,
-    ``g`` as in :func:`plane_grad_sums`; non-temporal stores if ``stream``."""
-    for t in prange(x.shape[0] * x.shape[1] * _n_chunks(x.shape[2], chunk)):
-        n, ch, lo, hi, _ = _plane_task(t, x.shape, chunk)
-        _grad_input_span(dy[n, ch, lo:hi], x[n, ch, lo:hi],
-                         span(mask, n, ch, lo, hi),
-                         a[ch], b[ch], c[ch], mean[ch], stream, out[n, ch, lo:hi])
-
-
-@njit(parallel=True, cache=True)
-def row_grad_input(dy, x, mask, a, b, c, mean, channels, inner, out):
-    """:func:`plane_grad_input` row by row for (R, W) arrays, coefficients (C,)."""
-    w = x.shape[1]
-    ea, eb = _expand(a, channels, inner, w), _expand(b, channels, inner, w)
-    ec, em = _expand(c, channels, inner, w), _expand(mean, channels, inner, w)
-    for r in prange(x.shape[0]):
-        _grad_input_columns(dy[r], x[r], row(mask, r), ea, eb, ec, em, out[r])
+@njit(cache=True)
+def _eval_scale(invstd, weight):
+    """``weight * invstd`` (or ``invstd``): the input gradient's scale in eval."""
+    return invstd.copy() if weight is None else weight * invstd
 
 
 @njit(cache=True)
@@ -215,21 +139,370 @@ def update_running(running_mean, running_var, mean, unbiased_var, factor):
 
 
 @njit(cache=True)
-def coefficients(mean, var, weight, bias, eps):
-    """``(invstd, scale, shift)`` of ``y = x * scale + shift`` per channel;
-    ``weight``, ``bias`` may be None."""
-    invstd = 1.0 / np.sqrt(var + eps)
-    scale = invstd.copy() if weight is None else weight * invstd
-    shift = -mean * scale if bias is None else bias - mean * scale
-    return invstd, scale, shift
+def _track(running_mean, running_var, mean, var, count, factor):
+    """:func:`update_running` with the unbiased variance, if there are running statistics."""
+    if running_mean is None:
+        return False
+    return update_running(running_mean, running_var, mean, var * (count / (count - 1)), factor)
 
 
 @njit(cache=True)
-def backward_coefficients(s_dy, s_dyx, invstd, weight, count):
-    """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c`` per channel, for
-    batch statistics over ``count`` values; ``weight`` may be None."""
-    a = invstd.copy() if weight is None else weight * invstd
-    return a, -a * invstd * (s_dyx * invstd) / count, -a * s_dy / count
+def _cast_gradients(s_dy, s_dyx, invstd, dtype_like):
+    """``(dweight, dbias) = (s_dyx * invstd, s_dy)`` in the dtype of ``dtype_like``."""
+    dweight = np.empty(s_dy.shape[0], dtype_like.dtype)
+    dbias = np.empty(s_dy.shape[0], dtype_like.dtype)
+    for c in range(s_dy.shape[0]):
+        dweight[c] = s_dyx[c] * invstd[c]
+        dbias[c] = s_dy[c]
+    return dweight, dbias
+
+
+# --- tasks -------------------------------------------------------------------
+
+@njit(cache=True)
+def _n_chunks(m, chunk):
+    return (m + chunk - 1) // chunk
+
+
+@njit(cache=True)
+def _plane_task(t, shape, chunk):
+    """(n, c, lo, hi, part) of planes task ``t``."""
+    channels, m = shape[1], shape[2]
+    k_chunks = _n_chunks(m, chunk)
+    n = t // (channels * k_chunks)
+    lo = (t % k_chunks) * chunk
+    return n, (t // k_chunks) % channels, lo, min(lo + chunk, m), n * k_chunks + t % k_chunks
+
+
+@njit(cache=True)
+def _row_block(t, x, rows_per_chunk, channels, inner, blocks):
+    """(p, r0, r1, c0, c1, segments, width) of rows task ``t``: chunk ``p`` of
+    rows ``r0:r1``, channels ``c0:c1``; the block's columns are ``segments``
+    runs of ``width`` (one run of the whole row when it has every channel)."""
+    p, q = t // blocks, t % blocks
+    r0 = p * rows_per_chunk
+    c0, c1 = q * channels // blocks, (q + 1) * channels // blocks
+    if blocks == 1:
+        return p, r0, min(r0 + rows_per_chunk, x.shape[0]), 0, channels, 1, x.shape[1]
+    return (p, r0, min(r0 + rows_per_chunk, x.shape[0]), c0, c1,
+            x.shape[1] // (channels * inner), (c1 - c0) * inner)
+
+
+@njit(cache=True)
+def _row_moments_task(t, x, rows_per_chunk, channels, inner, blocks, means, m2s):
+    p, r0, r1, c0, c1, segments, width = _row_block(t, x, rows_per_chunk, channels, inner, blocks)
+    stride = channels * inner
+    col_mean = np.zeros(segments * width)
+    for s in range(segments):
+        _add_columns(col_mean[s * width:(s + 1) * width], x, r0, r1, s * stride + c0 * inner)
+    col_mean *= 1.0 / (r1 - r0)
+    col_m2 = np.zeros(segments * width)
+    for s in range(segments):
+        _add_squared_deviations(col_m2[s * width:(s + 1) * width], x, r0, r1,
+                                s * stride + c0 * inner, col_mean[s * width:(s + 1) * width])
+    # Fold the tiles * inner columns of each channel: equal counts.
+    tiles = x.shape[1] // stride
+    ch_mean = _fold_columns(col_mean, c1 - c0, inner, None) / (tiles * inner)
+    means[p, c0:c1] = ch_mean
+    m2s[p, c0:c1] = (_fold_columns(col_m2, c1 - c0, inner, None)
+                     + (r1 - r0) * _fold_columns(col_mean, c1 - c0, inner, ch_mean))
+
+
+@njit(cache=True)
+def _row_grad_sums_task(t, x, dy, mask, mean, rows_per_chunk, channels, inner, blocks,
+                        s_dy, s_dyx):
+    p, r0, r1, c0, c1, segments, width = _row_block(t, x, rows_per_chunk, channels, inner, blocks)
+    stride = channels * inner
+    col_dy = np.zeros(segments * width)
+    col_dyx = np.zeros(segments * width)
+    for s in range(segments):
+        lo = s * stride + c0 * inner
+        _add_grad_columns(col_dy[s * width:(s + 1) * width], col_dyx[s * width:(s + 1) * width],
+                          x, dy, mask, r0, r1, lo, mean[lo:lo + width])
+    s_dy[p, c0:c1] = _fold_columns(col_dy, c1 - c0, inner, None)
+    s_dyx[p, c0:c1] = _fold_columns(col_dyx, c1 - c0, inner, None)
+
+
+# --- passes over the data (inlined into the kernels) ---------------------------
+
+@njit(inline="always")
+def _plane_moments_pass(x, chunk):
+    parts = x.shape[0] * _n_chunks(x.shape[2], chunk)
+    means = np.empty((parts, x.shape[1]))
+    m2s = np.empty((parts, x.shape[1]))
+    for t in prange(parts * x.shape[1]):
+        n, c, lo, hi, part = _plane_task(t, x.shape, chunk)
+        means[part, c], m2s[part, c] = _span_moments(x[n, c, lo:hi])
+    return means, m2s
+
+
+@njit(inline="always")
+def _row_moments_pass(x, rows_per_chunk, channels, inner, parts, blocks):
+    means = np.empty((parts, channels))
+    m2s = np.empty((parts, channels))
+    for t in prange(parts * blocks):
+        _row_moments_task(t, x, rows_per_chunk, channels, inner, blocks, means, m2s)
+    return means, m2s
+
+
+@njit(inline="always")
+def _plane_affine_pass(x, scale, shift, chunk, relu, mask, stream, out):
+    for t in prange(x.shape[0] * x.shape[1] * _n_chunks(x.shape[2], chunk)):
+        n, c, lo, hi, _ = _plane_task(t, x.shape, chunk)
+        _affine_span(x[n, c, lo:hi], scale[c], shift[c], relu, span(mask, n, c, lo, hi), stream,
+                     out[n, c, lo:hi])
+
+
+@njit(inline="always")
+def _row_affine_pass(x, scale, shift, channels, inner, relu, mask, stream, out):
+    w = x.shape[1]
+    a, b = _expand(scale, channels, inner, w), _expand(shift, channels, inner, w)
+    for g in prange(_n_chunks(x.shape[0], ROW_GROUP)):
+        r0, r1 = g * ROW_GROUP, min(g * ROW_GROUP + ROW_GROUP, x.shape[0])
+        if mask is None and not stream:
+            _axpb_rows(x, r0, r1, a, b, relu, out)
+        else:
+            for r in range(r0, r1):
+                _affine_span(x[r], a, b, relu, row(mask, r, 0, w), stream, out[r])
+
+
+@njit(inline="always")
+def _plane_grad_sums_pass(x, dy, mask, mean, chunk):
+    parts = x.shape[0] * _n_chunks(x.shape[2], chunk)
+    s_dy = np.empty((parts, x.shape[1]))
+    s_dyx = np.empty((parts, x.shape[1]))
+    for t in prange(parts * x.shape[1]):
+        n, c, lo, hi, part = _plane_task(t, x.shape, chunk)
+        s_dy[part, c], s_dyx[part, c] = _grad_dot(
+            x[n, c, lo:hi], dy[n, c, lo:hi], span(mask, n, c, lo, hi), mean[c])
+    return _sum_parts(s_dy), _sum_parts(s_dyx)
+
+
+@njit(inline="always")
+def _row_grad_sums_pass(x, dy, mask, mean, rows_per_chunk, channels, inner, blocks):
+    parts = _n_chunks(x.shape[0], rows_per_chunk)
+    s_dy = np.empty((parts, channels))
+    s_dyx = np.empty((parts, channels))
+    m = _expand(mean, channels, inner, x.shape[1])
+    for t in prange(parts * blocks):
+        _row_grad_sums_task(t, x, dy, mask, m, rows_per_chunk, channels, inner, blocks,
+                            s_dy, s_dyx)
+    return _sum_parts(s_dy), _sum_parts(s_dyx)
+
+
+@njit(inline="always")
+def _plane_grad_input_pass(dy, x, mask, a, b, c, mean, chunk, stream, out):
+    for t in prange(x.shape[0] * x.shape[1] * _n_chunks(x.shape[2], chunk)):
+        n, ch, lo, hi, _ = _plane_task(t, x.shape, chunk)
+        _grad_input_span(dy[n, ch, lo:hi], x[n, ch, lo:hi], span(mask, n, ch, lo, hi),
+                         a[ch], b[ch], c[ch], mean[ch], stream, out[n, ch, lo:hi])
+
+
+@njit(inline="always")
+def _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, stream, out):
+    w = x.shape[1]
+    ea, eb = _expand(a, channels, inner, w), _expand(b, channels, inner, w)
+    ec, em = _expand(c, channels, inner, w), _expand(mean, channels, inner, w)
+    for g in prange(_n_chunks(x.shape[0], ROW_GROUP)):
+        r0, r1 = g * ROW_GROUP, min(g * ROW_GROUP + ROW_GROUP, x.shape[0])
+        if mask is None and not stream:
+            _grad_input_rows(dy, x, r0, r1, ea, eb, ec, em, out)
+        else:
+            for r in range(r0, r1):
+                _grad_input_span(dy[r], x[r], row(mask, r, 0, w), ea, eb, ec, em, stream, out[r])
+
+
+@njit(cache=True)
+def _plane_channel_train(x, c, chunk, counts, weight, bias, eps, relu, stream, out):
+    """One channel of a planes training forward, its data still in the cache
+    for the second pass: ``(mean, var, invstd)``, ``out[:, c]`` written."""
+    k = _n_chunks(x.shape[2], chunk)
+    means, m2s = np.empty(counts.shape[0]), np.empty(counts.shape[0])
+    for n in range(x.shape[0]):
+        for q in range(k):
+            lo, hi = q * chunk, min(q * chunk + chunk, x.shape[2])
+            means[n * k + q], m2s[n * k + q] = _span_moments(x[n, c, lo:hi])
+    mean, m2 = _merge_channel(counts, means, m2s)
+    var = m2 / counts.sum()
+    invstd, scale, shift = _coefficient(mean, var, weight, bias, eps, c)
+    for n in range(x.shape[0]):
+        for q in range(k):
+            lo, hi = q * chunk, min(q * chunk + chunk, x.shape[2])
+            _affine_span(x[n, c, lo:hi], scale, shift, relu, None, stream, out[n, c, lo:hi])
+    return mean, var, invstd
+
+
+@njit(cache=True)
+def _plane_channel_backward(dy, x, mask, mean, invstd, weight, count, training, c, chunk,
+                            stream, out):
+    """One channel of a planes backward, its data still in the cache for the
+    second pass: ``(sum(g), sum(g * (x - mean)))``, ``out[:, c]`` written."""
+    k = _n_chunks(x.shape[2], chunk)
+    s_dy = s_dyx = 0.0
+    for n in range(x.shape[0]):
+        for q in range(k):
+            lo, hi = q * chunk, min(q * chunk + chunk, x.shape[2])
+            a, b = _grad_dot(x[n, c, lo:hi], dy[n, c, lo:hi], span(mask, n, c, lo, hi), mean)
+            s_dy += a
+            s_dyx += b
+    a, b, shift = _grad_coefficient(s_dy, s_dyx, invstd, weight, count, c)
+    for n in range(x.shape[0]):
+        for q in range(k):
+            lo, hi = q * chunk, min(q * chunk + chunk, x.shape[2])
+            m = span(mask, n, c, lo, hi)
+            if training:
+                _grad_input_span(dy[n, c, lo:hi], x[n, c, lo:hi], m, a, b, shift, mean, stream,
+                                 out[n, c, lo:hi])
+            else:
+                _affine_span(dy[n, c, lo:hi], a, 0.0, False, m, stream, out[n, c, lo:hi])
+    return s_dy, s_dyx
+
+
+# --- kernels: one pass (serial twins at the end) -----------------------------
+
+@njit(parallel=True, cache=True)
+def plane_moments(x, chunk, counts):
+    """Per-channel (mean, biased variance) of ``x`` (N, C, M); ``counts[p]``:
+    elements per channel in part ``p``."""
+    means, m2s = _plane_moments_pass(x, chunk)
+    return _mean_var(counts, means, m2s)
+
+
+@njit(parallel=True, cache=True)
+def row_moments(x, rows_per_chunk, channels, inner, counts, blocks):
+    """Per-channel (mean, biased variance) of ``x`` (R, W), in ``blocks``
+    blocks of channels per chunk of rows."""
+    means, m2s = _row_moments_pass(x, rows_per_chunk, channels, inner, counts.shape[0], blocks)
+    return _mean_var(counts, means, m2s)
+
+
+@njit(parallel=True, cache=True)
+def plane_affine(x, scale, shift, chunk, relu, mask, stream, out):
+    """``out = x * scale[c] + shift[c]`` for ``x`` (N, C, M); ReLU'd if
+    ``relu``; 0 where ``mask > 0`` is false unless ``mask`` is None; with
+    non-temporal stores if ``stream``."""
+    _plane_affine_pass(x, scale, shift, chunk, relu, mask, stream, out)
+
+
+@njit(parallel=True, cache=True)
+def row_affine(x, scale, shift, channels, inner, relu, mask, stream, out):
+    """:func:`plane_affine` for ``x`` (R, W), coefficients (C,)."""
+    _row_affine_pass(x, scale, shift, channels, inner, relu, mask, stream, out)
+
+
+@njit(parallel=True, cache=True)
+def plane_grad_sums(x, dy, mask, mean, chunk):
+    """Per-channel ``sum(g)`` and ``sum(g * (x - mean[c]))`` for (N, C, M)
+    arrays, ``g`` being ``dy``, masked by ``mask > 0`` unless ``mask`` is None."""
+    return _plane_grad_sums_pass(x, dy, mask, mean, chunk)
+
+
+@njit(parallel=True, cache=True)
+def row_grad_sums(x, dy, mask, mean, rows_per_chunk, channels, inner, blocks):
+    """:func:`plane_grad_sums` for ``x`` (R, W), ``mean`` (C,)."""
+    return _row_grad_sums_pass(x, dy, mask, mean, rows_per_chunk, channels, inner, blocks)
+
+
+@njit(parallel=True, cache=True)
+def plane_grad_input(dy, x, mask, a, b, c, mean, chunk, stream, out):
+    """``out = g * a + (x - mean) * b + c`` per channel for (N, C, M) arrays,
+    ``g`` as in :func:`plane_grad_sums`; non-temporal stores if ``stream``."""
+    _plane_grad_input_pass(dy, x, mask, a, b, c, mean, chunk, stream, out)
+
+
+@njit(parallel=True, cache=True)
+def row_grad_input(dy, x, mask, a, b, c, mean, channels, inner, stream, out):
+    """:func:`plane_grad_input` for (R, W) arrays, coefficients (C,)."""
+    _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, stream, out)
+
+
+# --- kernels: a whole forward or backward ------------------------------------
+
+@njit(parallel=True, cache=True)
+def plane_train(x, chunk, counts, running_mean, running_var, factor, weight, bias, eps, relu,
+                by_channel, stream, out):
+    """Training forward of (N, C, M) ``x``: batch statistics, running update
+    (unless ``running_mean`` is None, or the statistics are not finite),
+    ``out``. Returns ``(mean, var, invstd, updated)``. ``by_channel``: one
+    task per channel, statistics and output together."""
+    channels = x.shape[1]
+    if by_channel:
+        mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
+        for c in prange(channels):
+            mean[c], var[c], invstd[c] = _plane_channel_train(x, c, chunk, counts, weight, bias,
+                                                              eps, relu, stream, out)
+    else:
+        means, m2s = _plane_moments_pass(x, chunk)
+        mean, var = _mean_var(counts, means, m2s)
+        invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
+        _plane_affine_pass(x, scale, shift, chunk, relu, None, stream, out)
+    updated = _track(running_mean, running_var, mean, var, counts.sum(), factor)
+    return mean, var, invstd, updated
+
+
+@njit(parallel=True, cache=True)
+def row_train(x, rows_per_chunk, channels, inner, counts, blocks, running_mean, running_var,
+              factor, weight, bias, eps, relu, stream, out):
+    """:func:`plane_train` for ``x`` (R, W)."""
+    means, m2s = _row_moments_pass(x, rows_per_chunk, channels, inner, counts.shape[0], blocks)
+    mean, var = _mean_var(counts, means, m2s)
+    invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
+    _row_affine_pass(x, scale, shift, channels, inner, relu, None, stream, out)
+    updated = _track(running_mean, running_var, mean, var, counts.sum(), factor)
+    return mean, var, invstd, updated
+
+
+@njit(parallel=True, cache=True)
+def plane_eval(x, chunk, mean, var, weight, bias, eps, relu, stream, out):
+    """Evaluation forward of (N, C, M) ``x`` with the given statistics; returns invstd."""
+    invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
+    _plane_affine_pass(x, scale, shift, chunk, relu, None, stream, out)
+    return invstd
+
+
+@njit(parallel=True, cache=True)
+def row_eval(x, channels, inner, mean, var, weight, bias, eps, relu, stream, out):
+    """:func:`plane_eval` for ``x`` (R, W)."""
+    invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
+    _row_affine_pass(x, scale, shift, channels, inner, relu, None, stream, out)
+    return invstd
+
+
+@njit(parallel=True, cache=True)
+def plane_backward(dy, x, mask, mean, invstd, weight, training, chunk, count, by_channel,
+                   stream, out):
+    """Backward of a planes forward: ``out`` is the input gradient (through
+    the batch statistics if ``training``), returns ``(dweight, dbias)`` in
+    ``x``'s dtype; ``g`` (``dy`` masked) as in :func:`plane_grad_sums`."""
+    channels = x.shape[1]
+    if by_channel:
+        s_dy, s_dyx = np.empty(channels), np.empty(channels)
+        for c in prange(channels):
+            s_dy[c], s_dyx[c] = _plane_channel_backward(
+                dy, x, mask, mean[c], invstd[c], weight, count, training, c, chunk, stream, out)
+    else:
+        s_dy, s_dyx = _plane_grad_sums_pass(x, dy, mask, mean, chunk)
+        if training:
+            a, b, c = backward_coefficients(s_dy, s_dyx, invstd, weight, count)
+            _plane_grad_input_pass(dy, x, mask, a, b, c, mean, chunk, stream, out)
+        else:
+            scale = _eval_scale(invstd, weight)
+            _plane_affine_pass(dy, scale, np.zeros(channels), chunk, False, mask, stream, out)
+    return _cast_gradients(s_dy, s_dyx, invstd, x)
+
+
+@njit(parallel=True, cache=True)
+def row_backward(dy, x, mask, mean, invstd, weight, training, rows_per_chunk, channels, inner,
+                 blocks, count, stream, out):
+    """:func:`plane_backward` for (R, W) arrays."""
+    s_dy, s_dyx = _row_grad_sums_pass(x, dy, mask, mean, rows_per_chunk, channels, inner, blocks)
+    if training:
+        a, b, c = backward_coefficients(s_dy, s_dyx, invstd, weight, count)
+        _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, stream, out)
+    else:
+        scale = _eval_scale(invstd, weight)
+        _row_affine_pass(dy, scale, np.zeros(channels), channels, inner, False, mask, stream, out)
+    return _cast_gradients(s_dy, s_dyx, invstd, x)
 
 
 @njit(parallel=True, cache=True)
@@ -252,3 +525,9 @@ plane_grad_sums_serial = serial_twin(plane_grad_sums)
 row_grad_sums_serial = serial_twin(row_grad_sums)
 plane_grad_input_serial = serial_twin(plane_grad_input)
 row_grad_input_serial = serial_twin(row_grad_input)
+plane_train_serial = serial_twin(plane_train)
+row_train_serial = serial_twin(row_train)
+plane_eval_serial = serial_twin(plane_eval)
+row_eval_serial = serial_twin(row_eval)
+plane_backward_serial = serial_twin(plane_backward)
+row_backward_serial = serial_twin(row_backward)

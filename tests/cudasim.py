@@ -55,6 +55,20 @@ def fast_switching():
     sys.setswitchinterval(old)
 
 
+def gpu_forward(x, *args, **kwargs):
+    """``native_batch_norm`` with ``x`` copied to the device: device arrays out
+    (NumPy running statistics are updated in place)."""
+    from nbbn.functional import native_batch_norm
+    return native_batch_norm(_cuda.to_device(x), *args, **kwargs)
+
+
+def gpu_backward(dy, x, *args, y=None, **kwargs):
+    """``batch_norm_backward`` with ``dy`` and ``x`` copied to the device."""
+    from nbbn.functional import batch_norm_backward
+    return batch_norm_backward(_cuda.to_device(dy), _cuda.to_device(x), *args,
+                               y=None if y is None else _cuda.to_device(y), **kwargs)
+
+
 def host(a):
     """A NumPy array of ``a``, wherever it is."""
     return a.copy_to_host() if _cuda.is_device_array(a) else a

@@ -5,17 +5,16 @@ Run like tests/test_cuda.py (see tests/cudasim.py): in this process with
 NUMBA_ENABLE_CUDASIM=1 or a GPU, otherwise in a subprocess under the simulator.
 Tiny shapes: the simulator runs every CUDA thread as a Python thread.
 """
-import types
 
 import numpy as np
 import pytest
 
 import nbbn
 from conftest import random_input
-from cudasim import (assert_same, here, host, simulator_run,
+from cudasim import (assert_same, gpu_backward, gpu_forward, here, host, simulator_run,
                      fast_switching, small_launch)  # noqa: F401 (autouse fixtures)
 from nbbn.gpu import backend as _cuda
-from nbbn.functional import batch_norm_backward, forward
+from nbbn.functional import batch_norm_backward, native_batch_norm
 
 test_simulator_run = simulator_run(__file__, min_passed=30)
 
@@ -58,15 +57,15 @@ def test_relu_functional_matches_cpu(rng, shape, axis, dtype, training):
     x, dy = random_input(rng, shape, dtype), random_input(rng, shape, dtype)
     w, b, rm, rv = params(rng, shape[axis], dtype)
     rm_cpu, rv_cpu = rm.copy(), rv.copy()
-    y, mean, invstd, _ = _cuda.forward(x, rm, rv, w, b, training, 0.3, 1e-3, axis=axis,
+    y, mean, invstd = gpu_forward(x, rm, rv, w, b, training, 0.3, 1e-3, axis=axis,
                                        activation="relu")
-    y_cpu, mean_cpu, invstd_cpu, _ = forward(x, rm_cpu, rv_cpu, w, b, training, 0.3, 1e-3,
+    y_cpu, mean_cpu, invstd_cpu = native_batch_norm(x, rm_cpu, rv_cpu, w, b, training, 0.3, 1e-3,
                                              axis=axis, activation="relu")
     close(y, y_cpu, dtype)
     np.testing.assert_array_equal(host(y) > 0, y_cpu > 0)  # the same mask
     close(rm, rm_cpu, dtype)
     close(rv, rv_cpu, dtype)
-    grads = _cuda.backward(dy, x, mean, invstd, w, training, axis=axis, y=y, activation="relu")
+    grads = gpu_backward(dy, x, mean, invstd, w, training, axis=axis, y=y, activation="relu")
     grads_cpu = batch_norm_backward(dy, x, mean_cpu, invstd_cpu, w, training, axis=axis,
                                     y=y_cpu, activation="relu")
     for gpu, cpu in zip(grads, grads_cpu):
@@ -205,7 +204,7 @@ def test_renorm_matches_cpu_over_steps(rng, shape, axis, dtype, affine):
         close(gpu.backward(dy), cpu.backward(dy), dtype)
         assert gpu.num_batches_tracked == cpu.num_batches_tracked == step + 1
         assert_layers_match(gpu, cpu, dtype)
-        for a, b in zip(gpu._corrections[1:], cpu._corrections[1:]):
+        for a, b in zip(gpu._saved.groups[0].correction, cpu._saved.groups[0].correction):
             close(a, b, np.float64)
         gpu.rmax, cpu.rmax = 2.0 + step, 2.0 + step  # relaxed during training
     close(gpu.running_std, cpu.running_std, dtype)
@@ -218,7 +217,7 @@ def test_renorm_matches_cpu_over_steps(rng, shape, axis, dtype, affine):
 def test_renorm_corrections_are_clipped_on_the_gpu(rng):
     gpu = nbbn.BatchRenorm(2, rmax=1.5, dmax=0.5, dtype=np.float64, device="cuda")
     gpu(random_input(rng, (8, 2, 3), np.float64, loc=5.0, scale=4.0))
-    _, r, d = gpu._corrections
+    r, d = gpu._saved.groups[0].correction
     np.testing.assert_array_equal(host(r), 1.5)
     np.testing.assert_array_equal(host(d), 0.5)
 
@@ -288,20 +287,3 @@ def test_renorm_bad_input_changes_nothing(rng):
     assert gpu.num_batches_tracked == 0
     for k, v in gpu.state_dict().items():
         np.testing.assert_array_equal(v, state[k])
-
-
-# --- no GPU path -------------------------------------------------------------
-
-def test_sync_batchnorm_has_no_gpu_path():
-    comm = types.SimpleNamespace(Allgather=print, Get_rank=lambda: 0, Get_size=lambda: 1)
-    sync = nbbn.SyncBatchNorm(3, comm=comm)
-    with pytest.raises(NotImplementedError, match="SyncBatchNorm has no GPU path"):
-        sync.to("cuda")
-    assert sync.device == "cpu" and type(sync.gamma) is np.ndarray
-
-    class Custom(nbbn.BatchRenorm):
-        def forward(self, x, out=None):
-            return super().forward(x, out)
-
-    with pytest.raises(NotImplementedError, match="Custom has no GPU path"):
-        Custom(3, device="cuda")

@@ -28,7 +28,7 @@ def test_non_float_dtype_is_a_type_error(bn, dtype):
 
 @pytest.mark.parametrize("shape,match", [((3,), "2-D to 5-D"), ((2, 3, 1, 1, 1, 1), "2-D to 5-D"),
                                           ((4, 5, 2), "expected 3 channels.*got 5"),
-                                          ((0, 3, 4), "non-empty"), ((2, 3, 0), "non-empty")])
+                                          ((4, 0, 2), "expected 3 channels.*got 0")])
 def test_bad_shapes(bn, shape, match):
     before = snapshot(bn)
     with pytest.raises(ValueError, match=match):
@@ -86,7 +86,8 @@ def test_load_state_dict_all_or_nothing(bn, sd_change, match):
 @pytest.mark.parametrize("kwargs,error", [
     (dict(num_features=0), ValueError), (dict(num_features=2.5), ValueError),
     (dict(num_features=3, eps=0), ValueError), (dict(num_features=3, eps=-1.0), ValueError),
-    (dict(num_features=3, momentum=1.5), ValueError), (dict(num_features=3, axis=2), ValueError),
+    (dict(num_features=3, momentum=float("nan")), ValueError),
+    (dict(num_features=3, momentum=float("inf")), ValueError), (dict(num_features=3, axis=2), ValueError),
     (dict(num_features=3, dtype=np.int32), TypeError), (dict(num_features=3, dtype=np.float16), TypeError),
 ])
 def test_constructor_errors(kwargs, error):

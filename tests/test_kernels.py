@@ -33,11 +33,12 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
     rng = np.random.default_rng(7)
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    layout = _engine.layout_of(shape, axis)
+    layout = _engine.layout_of(shape, axis, x.itemsize)
     v, g = x.reshape(layout.view), dy.reshape(layout.view)
     c = layout.channels
     mean, scale, shift = rng.standard_normal((3, c))
-    counts = _engine._chunk_counts(layout)
+    w, rv = rng.uniform(0.5, 2, (2, c))
+    counts, count = layout.counts, float(layout.count)
     out = np.empty_like(v)
     if layout.planes:
         chunk = _engine.PLANE_CHUNK
@@ -50,23 +51,69 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
                           _run_both(layout, "plane_grad_sums", v, g, mask, mean, chunk)])
             _assert_same(_run_both(layout, "plane_grad_input", g, v, mask, scale, shift, mean,
                                    mean, chunk, False, out))
+        for by_channel in (False, True):
+            _assert_same(_run_both(layout, "plane_train", v, chunk, counts, mean.copy(),
+                                   rv.copy(), 0.1, w, shift, 1e-5, True, by_channel, False, out))
+            for training in (True, False):
+                _assert_same(_run_both(layout, "plane_backward", g, v, v, mean, rv, w, training,
+                                       chunk, count, by_channel, False, out))
+        _assert_same(_run_both(layout, "plane_eval", v, chunk, mean, rv, w, None, 1e-5, False,
+                               False, out))
     else:
-        rpc, inner = layout.rows_per_chunk, layout.inner
+        rpc, inner, blocks = layout.rows_per_chunk, layout.inner, max(2, layout.blocks)
         _assert_same([(r, out) for r, _ in
-                      _run_both(layout, "row_moments", v, rpc, c, inner, counts)])
+                      _run_both(layout, "row_moments", v, rpc, c, inner, counts, blocks)])
         for relu, mask in ((False, None), (True, None), (False, v)):
             _assert_same(_run_both(layout, "row_affine", v, scale, shift, c, inner, relu, mask,
-                                   out))
+                                   False, out))
         for mask in (None, v):
             _assert_same([(r, out) for r, _ in
-                          _run_both(layout, "row_grad_sums", v, g, mask, mean, rpc, c, inner)])
+                          _run_both(layout, "row_grad_sums", v, g, mask, mean, rpc, c, inner,
+                                    blocks)])
             _assert_same(_run_both(layout, "row_grad_input", g, v, mask, scale, shift, mean,
-                                   mean, c, inner, out))
+                                   mean, c, inner, False, out))
+        _assert_same(_run_both(layout, "row_train", v, rpc, c, inner, counts, blocks,
+                               mean.copy(), rv.copy(), 0.1, w, shift, 1e-5, True, False, out))
+        for training in (True, False):
+            _assert_same(_run_both(layout, "row_backward", g, v, v, mean, rv, w, training, rpc, c,
+                                   inner, blocks, count, False, out))
+        _assert_same(_run_both(layout, "row_eval", v, c, inner, mean, rv, w, None, 1e-5, False,
+                               False, out))
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES)
+def test_the_task_split_does_not_change_the_bits(shape, axis):
+    """Planes: a task per chunk or per channel; rows: chunks of rows cut
+    into any number of blocks of channels. The same bits every way."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    layout = _engine.layout_of(shape, axis, 4)
+    k, v, g = _engine.kernels(), x.reshape(layout.view), dy.reshape(layout.view)
+    c, counts = layout.channels, layout.counts
+    results = []
+    for split in ((False, True) if layout.planes else (1, 2, 3, c)):
+        out, dx = np.empty_like(v), np.empty_like(v)
+        if layout.planes:
+            stats = k.plane_train(v, _engine.PLANE_CHUNK, counts, None, None, 0.1, None, None,
+                                  1e-5, False, split, False, out)
+            grads = k.plane_backward(g, v, None, stats[0], stats[2], None, True,
+                                     _engine.PLANE_CHUNK, float(layout.count), split, False, dx)
+        else:
+            stats = k.row_train(v, layout.rows_per_chunk, c, layout.inner, counts, split, None,
+                                None, 0.1, None, None, 1e-5, False, False, out)
+            grads = k.row_backward(g, v, None, stats[0], stats[2], None, True,
+                                   layout.rows_per_chunk, c, layout.inner, split,
+                                   float(layout.count), False, dx)
+        results.append((out, dx) + tuple(stats[:3]) + tuple(grads))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_small_inputs_take_the_serial_twins_large_ones_the_parallel_kernels():
-    assert _engine.layout_of((2, 4, 64, 64), 1).serial
-    assert not _engine.layout_of((4, 4, 64, 64), 1).serial
+    assert _engine.layout_of((2, 4, 64, 64), 1, 4).serial
+    assert not _engine.layout_of((4, 4, 64, 64), 1, 4).serial
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

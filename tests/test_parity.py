@@ -137,3 +137,49 @@ def test_layout_edges():
         np.testing.assert_allclose(nbbn.batch_norm(x, training=True, axis=axis),
                                    naive.batch_norm(x, training=True, axis=axis)[0],
                                    rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("shape,axis", [((0, 3), 1), ((0, 3, 5), 1), ((2, 3, 0), 1),
+                                        ((0, 4, 3), -1)])
+def test_a_batch_without_samples_is_counted_and_changes_nothing_else(shape, axis):
+    """As torch: an empty output; in training the running statistics stay and
+    the batch is counted; the gradients are empty and zero."""
+    bn = nbbn.BatchNorm(3, axis=axis)
+    x = np.ones(shape, np.float32)
+    y = bn(x)
+    assert y.shape == shape and bn.num_batches_tracked == 1
+    np.testing.assert_array_equal(bn.running_mean, 0)
+    np.testing.assert_array_equal(bn.running_var, 1)
+    assert bn.backward(y).shape == shape
+    np.testing.assert_array_equal(bn.grad_gamma, 0)
+    np.testing.assert_array_equal(bn.grad_beta, 0)
+    assert bn.eval()(x).shape == shape and bn.num_batches_tracked == 1
+    rm, rv = np.zeros(3), np.ones(3)
+    y, mean, invstd = nbbn.functional.native_batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5,
+                                                        axis=axis)
+    assert y.shape == shape and np.isnan(mean).all() and not rm.any() and (rv == 1).all()
+    dx, dw, db = nbbn.functional.batch_norm_backward(y, x, mean, invstd, axis=axis)
+    assert dx.shape == shape and dw.shape == db.shape == (3,) and not dw.any() and not db.any()
+
+
+def test_a_one_dimensional_empty_input_gives_an_empty_output():
+    """torch.nn.functional.batch_norm's degenerate case."""
+    x = np.ones(0, np.float64)
+    assert nbbn.batch_norm(x, np.zeros(0), np.ones(0), training=True).shape == (0,)
+    assert nbbn.functional.batch_norm_backward(x, x, np.zeros(0), np.ones(0))[0].shape == (0,)
+
+
+@pytest.mark.parametrize("momentum", [-1.0, 1.5, 2.0])
+def test_momentum_outside_the_unit_interval_extrapolates_as_torch(rng, momentum):
+    x = random_input(rng, (6, 3, 4), np.float64)
+    rm, rv = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+    ref = naive.batch_norm(x, rm, rv, training=True, momentum=momentum)
+    for bn_momentum in (momentum,):
+        bn = nbbn.BatchNorm(3, momentum=bn_momentum, dtype=np.float64)
+        bn.running_mean[:], bn.running_var[:] = rm, rv
+        bn(x)
+        np.testing.assert_allclose(bn.running_mean, ref[1], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(bn.running_var, ref[2], rtol=1e-12, atol=1e-12)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="momentum must be a finite number"):
+            nbbn.batch_norm(x, rm, rv, training=True, momentum=bad)

@@ -269,7 +269,7 @@ def test_bad_rmax_dmax(rng, name, value, lowest):
     (np.ones((4, 5), np.float32), ValueError, "expected 3 channels.*got 5"),
     (np.ones((4, 3), np.int64), TypeError, "int64"),
     (np.ones((1, 3), np.float32), ValueError, "Expected more than 1 value per channel"),
-    (np.ones((0, 3), np.float32), ValueError, "non-empty"),
+    (np.ones((4, 0), np.float32), ValueError, "expected 3 channels.*got 0"),
     (np.ones((4, 3), np.float32), ValueError, "out must have shape"),
 ])
 def test_bad_input_changes_nothing(rng, x, error, match):
@@ -289,7 +289,7 @@ def test_backward_before_forward_and_constructor_errors():
     with pytest.raises(RuntimeError, match="before any forward"):
         nbbn.BatchRenorm(2).backward(np.ones((3, 2), np.float32))
     with pytest.raises(ValueError, match="momentum"):
-        nbbn.BatchRenorm(2, momentum=1.5)
+        nbbn.BatchRenorm(2, momentum=float("nan"))
     with pytest.raises(TypeError, match="dtype"):
         nbbn.BatchRenorm(2, dtype=np.int32)
     with warnings.catch_warnings():

@@ -1,7 +1,7 @@
-"""GPU dispatch: validate, move arrays to the device, plan and launch the
+"""The GPU backend: validate, move arrays to the device, plan and launch the
 kernels of ``nbbn.gpu.kernels`` and ``nbbn.gpu.channel_kernels``. The twin
-of ``nbbn._engine`` plus the GPU halves of ``nbbn.functional`` and of the
-layers (Batch Renormalization, ghost batches).
+of ``nbbn._engine`` (plans and launches) and of ``nbbn._cpu`` (the backend
+interface the layers and ``nbbn.functional`` use, :class:`GPU`).
 
 ``numba.cuda`` is imported on the first GPU call, never by ``import nbbn``.
 Launch constants live here, read at call time (tests patch them small for
@@ -10,7 +10,6 @@ the simulator). Results depend on the shape and on ``LANES`` and
 """
 import math
 import types
-import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -25,15 +24,7 @@ LANES = 256
 #: Elements one lane reduces into a partial state.
 ELEMENTS_PER_LANE = 16
 
-DEVICES = ("cpu", "cuda")
 _cuda = None
-
-
-def check_device(device):
-    """``device`` must be 'cpu' or 'cuda'."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    return device
 
 
 def cuda():
@@ -74,10 +65,7 @@ def _channels():
     return cuda_channel_kernels
 
 
-def is_device_array(a):
-    """Whether ``a`` lives on the GPU: a Numba device array or any object with
-    ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors)."""
-    return bool(getattr(a, "__cuda_ndarray__", False)) or hasattr(a, "__cuda_array_interface__")
+is_device_array = check.is_device_array
 
 
 def _device_view(a):
@@ -305,83 +293,161 @@ def grad_input(dy, x, plan, a, b, c, mean, out, *, mask=None):
     return out
 
 
-def forward(x, running_mean, running_var, weight, bias, training, momentum, eps, *,
-            axis=1, out=None, num_features=None, activation=None):
-    """The GPU twin of ``nbbn.functional.forward``: ``(y, mean, invstd, updated)``
-    with ``y`` a device array like ``x``, ``mean`` and ``invstd`` float64 device
-    vectors. NumPy running statistics are updated in place too."""
-    relu = check.activation(activation) is not None
-    x = as_input(x)
-    channels = check.check_input(meta(x), check.check_axis(axis), num_features)
-    weight = _vector(weight, "weight", channels)
-    bias = _vector(bias, "bias", channels)
-    _running_stats(running_mean, running_var, channels)
-    momentum, eps = check.momentum(momentum), check.eps(eps)
-    if training:
-        check.check_batch_size(meta(x), channels)
-    elif running_mean is None:
-        raise ValueError("running_mean and running_var are required when training=False")
-    out = _output(out, x)
-    plan = plan_of(tuple(x.shape), axis)
-    cu, k, tpb = cuda(), _channels(), THREADS_PER_BLOCK
-    stats = None if running_mean is None else (to_device(running_mean), to_device(running_var))
-    updated = False
-    if training:
+class GPU:
+    """Batch normalization on device arrays: the GPU twin of ``nbbn._cpu.CPU``,
+    method for method. NumPy inputs are copied to the device; outputs and
+    per-channel statistics are Numba device arrays (float64 statistics)."""
+
+    name = "cuda"
+    check_available = staticmethod(cuda)
+
+    # --- arrays ---------------------------------------------------------------
+    input = staticmethod(as_input)
+
+    @staticmethod
+    def like(a, x, name):
+        a = as_input(a, name)
+        _check_like(a, x, name)
+        return a
+
+    @staticmethod
+    def output(out, x):
+        return _output(out, x)
+
+    @staticmethod
+    def vector(v, name, channels):
+        return _vector(v, name, channels)
+
+    @staticmethod
+    def stats(v, name, channels):
+        v = _vector(v, name, channels)
+        return None if v is None else astype(v, np.float64)
+
+    running_stats = staticmethod(_running_stats)
+    meta = staticmethod(meta)
+    shares_memory = staticmethod(shares_memory)
+    put = staticmethod(to_device)
+    host = staticmethod(to_host)
+    cast = staticmethod(astype)
+
+    @staticmethod
+    def full(channels, value, dtype):
+        return cuda().to_device(np.full(channels, value, dtype))
+
+    @staticmethod
+    def channel_sum(vectors, dtype):
+        """The sum of per-channel device vectors, accumulated in float64 in order."""
+        if len(vectors) == 1:
+            return astype(vectors[0], dtype)
+        total = cuda().to_device(np.zeros(vectors[0].shape[0]))
+        for v in vectors:
+            _channels().accumulate[_grid(v.shape[0]), THREADS_PER_BLOCK](v, total)
+        return astype(total, dtype)
+
+    @staticmethod
+    def invstd(var, eps):
+        return to_device(1.0 / np.sqrt(to_host(var) + eps))
+
+    @staticmethod
+    def gradients(s_dy, s_dyx, invstd, dtype):
+        s_dy = to_host(s_dy)
+        return to_device((to_host(s_dyx) * to_host(invstd)).astype(dtype)), to_device(
+            s_dy.astype(dtype))
+
+    # --- a whole forward or backward ----------------------------------------------
+    @classmethod
+    def train(cls, x, axis, running_mean, running_var, factor, weight, bias, eps, relu, out):
+        plan = plan_of(tuple(x.shape), axis)
         mean, var = moments(x, plan)
-        if stats is not None:
-            updated = _update_running(running_mean, running_var, stats, mean, var,
-                                      plan.count, momentum)
-    else:
-        mean, var = stats
-    mean64, invstd, scale, shift = (cu.device_array(channels) for _ in range(4))
-    k.coefficients[_grid(channels), tpb](
-        mean, var, mean if weight is None else weight, mean if bias is None else bias,
-        weight is not None, bias is not None, eps, mean64, invstd, scale, shift)
-    return affine(x, plan, mean64, scale, shift, out, relu=relu), mean64, invstd, updated
+        updated = running_mean is not None and cls.update_running(
+            running_mean, running_var, mean, var, plan.count, factor)
+        return mean, var, cls.evaluate(x, axis, mean, var, weight, bias, eps, relu, out), updated
+
+    @staticmethod
+    def evaluate(x, axis, mean, var, weight, bias, eps, relu, out):
+        plan = plan_of(tuple(x.shape), axis)
+        channels = plan.channels
+        mean, var = to_device(mean), to_device(var)
+        mean64, invstd, scale, shift = (cuda().device_array(channels) for _ in range(4))
+        _channels().coefficients[_grid(channels), THREADS_PER_BLOCK](
+            mean, var, mean if weight is None else weight, mean if bias is None else bias,
+            weight is not None, bias is not None, eps, mean64, invstd, scale, shift)
+        affine(x, plan, mean64, scale, shift, out, relu=relu)
+        return invstd
+
+    @staticmethod
+    def backward(dy, x, axis, mask, mean, invstd, weight, training, out):
+        plan = plan_of(tuple(x.shape), axis)
+        channels = plan.channels
+        s_dy, s_dyx = grad_sums(x, dy, plan, mean, mask=mask)
+        a, b, c = (cuda().device_array(channels) for _ in range(3))
+        dweight = cuda().device_array(channels, x.dtype)
+        dbias = cuda().device_array(channels, x.dtype)
+        _channels().backward_coefficients[_grid(channels), THREADS_PER_BLOCK](
+            s_dy, s_dyx, invstd, invstd if weight is None else weight, weight is not None,
+            float(plan.count), bool(training), a, b, c, dweight, dbias)
+        if training:
+            grad_input(dy, x, plan, a, b, c, mean, out, mask=mask)
+        else:
+            affine(dy, plan, b, a, b, out, mask=mask)  # b is 0 here: out = dy * a
+        return dweight, dbias
+
+    # --- the pieces ------------------------------------------------------------------
+    @staticmethod
+    def moments(x, axis):
+        return moments(x, plan_of(tuple(x.shape), axis))
+
+    @staticmethod
+    def grad_sums(dy, x, axis, mask, mean):
+        return grad_sums(x, dy, plan_of(tuple(x.shape), axis), mean, mask=mask)
+
+    @staticmethod
+    def grad_input(dy, x, axis, mask, mean, invstd, weight, s_dy, s_dyx, count, out):
+        plan = plan_of(tuple(x.shape), axis)
+        channels = plan.channels
+        a, b, c = (cuda().device_array(channels) for _ in range(3))
+        dweight, dbias = cuda().device_array(channels), cuda().device_array(channels)
+        _channels().backward_coefficients[_grid(channels), THREADS_PER_BLOCK](
+            s_dy, s_dyx, invstd, invstd if weight is None else weight, weight is not None,
+            float(count), True, a, b, c, dweight, dbias)
+        return grad_input(dy, x, plan, a, b, c, mean, out, mask=mask)
+
+    @staticmethod
+    def update_running(running_mean, running_var, mean, var, count, factor):
+        """Update the running statistics on the device unless the batch's are
+        not finite; NumPy running statistics are updated too (copied back)."""
+        stats = (to_device(running_mean), to_device(running_var))
+        ok = cuda().device_array(1, np.int32)
+        _channels().update_running[1, THREADS_PER_BLOCK](*stats, mean, var, count / (count - 1),
+                                                        factor, LANES, ok)
+        if not ok.copy_to_host()[0]:
+            return False
+        for host, dev in zip((running_mean, running_var), stats):
+            if not is_device_array(host):
+                host[...] = dev.copy_to_host()
+        return True
+
+    @staticmethod
+    def renorm(mean, var, running_mean, running_var, weight, bias, rmax, dmax, eps, factor):
+        channels = mean.shape[0]
+        cu, k, tpb = cuda(), _channels(), THREADS_PER_BLOCK
+        invstd, r, d, w, scale, shift = (cu.device_array(channels) for _ in range(6))
+        has_affine = weight is not None
+        if has_affine and bias is None:
+            bias = cu.to_device(np.zeros(channels))
+        k.renorm_coefficients[_grid(channels), tpb](
+            mean, var, running_mean, running_var, weight if has_affine else mean,
+            bias if has_affine else mean, has_affine, eps, 1.0 / rmax, rmax, dmax,
+            invstd, r, d, w, scale, shift)
+        ok = cu.device_array(1, np.int32)
+        k.renorm_update[1, tpb](running_mean, running_var, mean, var, eps, factor, LANES, ok)
+        return w, shift, r, d, bool(ok.copy_to_host()[0])
+
+    @staticmethod
+    def renorm_grads(r, d, dweight, dbias):
+        out = cuda().device_array(r.shape[0])
+        _channels().renorm_grads[_grid(r.shape[0]), THREADS_PER_BLOCK](r, d, dweight, dbias, out)
+        return out
 
 
-def _update_running(running_mean, running_var, stats, mean, var, count, factor):
-    """Update the running statistics on the device unless the batch's are not
-    finite (then warn); copy them back into NumPy running statistics."""
-    ok = cuda().device_array(1, np.int32)
-    _channels().update_running[1, THREADS_PER_BLOCK](*stats, mean, var, count / (count - 1),
-                                                    factor, LANES, ok)
-    if not ok.copy_to_host()[0]:
-        warnings.warn("batch statistics are not finite (NaN or Inf in the input): "
-                      "running statistics were not updated", RuntimeWarning, stacklevel=5)
-        return False
-    for host, dev in zip((running_mean, running_var), stats):
-        if not is_device_array(host):
-            host[...] = dev.copy_to_host()
-    return True
-
-
-def backward(dy, x, mean, invstd, weight=None, training=True, *, axis=1, out=None, y=None,
-             activation=None):
-    """The GPU twin of ``nbbn.functional.batch_norm_backward``:
-    ``(dx, dweight, dbias)`` as device arrays, the gradients in ``x``'s dtype.
-    With ``activation='relu'``, ``dy`` counts where the forward's output ``y``
-    is ``> 0``."""
-    relu = check.activation(activation) is not None
-    x = as_input(x)
-    channels = check.check_input(meta(x), check.check_axis(axis))
-    dy = as_input(dy, "dy")
-    _check_like(dy, x, "dy")
-    mean = _vector(mean, "mean", channels)
-    invstd = _vector(invstd, "invstd", channels)
-    weight = _vector(weight, "weight", channels)
-    mask = check.saved_output(y, x, relu, as_input, _check_like)
-    out = _output(out, x)
-    plan = plan_of(tuple(x.shape), axis)
-    cu, tpb = cuda(), THREADS_PER_BLOCK
-    s_dy, s_dyx = grad_sums(x, dy, plan, mean, mask=mask)
-    a, b, c = (cu.device_array(channels) for _ in range(3))
-    dweight, dbias = cu.device_array(channels, x.dtype), cu.device_array(channels, x.dtype)
-    _channels().backward_coefficients[_grid(channels), tpb](
-        s_dy, s_dyx, invstd, invstd if weight is None else weight, weight is not None,
-        float(plan.count), bool(training), a, b, c, dweight, dbias)
-    if training:
-        grad_input(dy, x, plan, a, b, c, mean, out, mask=mask)
-    else:
-        affine(dy, plan, b, a, b, out, mask=mask)  # b is 0 here: out = dy * a
-    return out, dweight, dbias
+BACKEND = GPU()

@@ -52,11 +52,12 @@ class BandwidthProbe:
     affine pass uses on arrays that size. :meth:`sample` times one pass."""
 
     def __init__(self, nbytes=None):
-        from .._engine import PLANE_CHUNK, _stream, kernels, last_level_cache_bytes
+        from .._engine import PLANE_CHUNK, kernels, last_level_cache_bytes, layout_of
         nbytes = nbytes or min(2 << 30, max(256 << 20, 4 * last_level_cache_bytes()))
         self.x = np.ones(nbytes // 4, dtype=np.float32)
         self.y = np.empty_like(self.x)
-        self.args = (self.x, 1.5, 0.5, PLANE_CHUNK, _stream(self.y), self.y)
+        stream = layout_of((1, 1, self.x.size), 1, 4).stream
+        self.args = (self.x, 1.5, 0.5, PLANE_CHUNK, stream, self.y)
         self.kernel = kernels().bandwidth_probe
         self.kernel(*self.args)  # compile (or load), fault the pages in
 

@@ -1,0 +1,158 @@
+"""The CPU backend: NumPy arrays in and out, the kernels of ``nbbn.kernels``
+through ``nbbn._engine``. The GPU backend (``nbbn.gpu.backend.GPU``) has the
+same methods, so the layers and the functional API run one code path on
+either device; arrays reaching a backend's compute methods are validated.
+Per-channel statistics are float64 (C,) arrays.
+"""
+import numpy as np
+
+from . import _engine as engine
+from . import _validation as check
+
+
+class CPU:
+    """Batch normalization on NumPy arrays (see the module docstring)."""
+
+    name = "cpu"
+
+    # --- arrays ---------------------------------------------------------------
+    @staticmethod
+    def input(x, name="x"):
+        """``x`` as an array the kernels can read (a copy only if needed)."""
+        if type(x) is not np.ndarray and check.is_device_array(x):
+            raise TypeError(f"{name} is a device array but the layer is on the CPU: move the "
+                            "layer with .to('cuda') or pass a NumPy array")
+        return check.as_array(x, name)
+
+    @classmethod
+    def like(cls, a, x, name):
+        """Input ``a`` (``dy``, a saved output) checked against ``x``."""
+        a = cls.input(a, name)
+        check.check_like(a, x, name)
+        return a
+
+    @staticmethod
+    def output(out, x):
+        """``out`` checked against ``x``, or a new array like ``x``."""
+        return np.empty_like(x) if out is None else check.check_out(out, x)
+
+    @staticmethod
+    def vector(v, name, channels):
+        """A per-channel parameter for the kernels: float32 or float64, or None."""
+        return check.channel_vector(v, name, channels, widen=False)
+
+    @staticmethod
+    def stats(v, name, channels):
+        """Per-channel statistics (mean, invstd) as float64, or None."""
+        return check.channel_vector(v, name, channels)
+
+    running_stats = staticmethod(check.running_stats)
+    meta = staticmethod(lambda x: x)
+    shares_memory = staticmethod(np.may_share_memory)
+    put = staticmethod(lambda a: np.array(a))
+    host = staticmethod(lambda a: np.array(a))
+
+    @staticmethod
+    def cast(v, dtype):
+        return v.astype(dtype)
+
+    @staticmethod
+    def full(channels, value, dtype):
+        return np.full(channels, value, dtype)
+
+    @staticmethod
+    def channel_sum(vectors, dtype):
+        """The sum of per-channel vectors, accumulated in float64 in order, in ``dtype``."""
+        if len(vectors) == 1:
+            return vectors[0].astype(dtype)
+        total = 0.0
+        for v in vectors:
+            total = total + v.astype(np.float64)
+        return total.astype(dtype)
+
+    @staticmethod
+    def gradients(s_dy, s_dyx, invstd, dtype):
+        """``(dweight, dbias) = (s_dyx * invstd, s_dy)`` in ``dtype``."""
+        return (s_dyx * invstd).astype(dtype), s_dy.astype(dtype)
+
+    @staticmethod
+    def invstd(var, eps):
+        return 1.0 / np.sqrt(var + eps)
+
+    # --- a whole forward or backward ----------------------------------------------
+    @staticmethod
+    def train(x, axis, running_mean, running_var, factor, weight, bias, eps, relu, out):
+        """Training forward into ``out``: ``(mean, var, invstd, updated)``."""
+        return engine.train(x, engine.layout_of(x.shape, axis, x.itemsize), running_mean,
+                            running_var, factor, weight, bias, eps, relu, out)
+
+    @staticmethod
+    def evaluate(x, axis, mean, var, weight, bias, eps, relu, out):
+        """Forward with the given statistics into ``out``; returns invstd."""
+        return engine.evaluate(x, engine.layout_of(x.shape, axis, x.itemsize), mean, var,
+                               weight, bias, eps, relu, out)
+
+    @staticmethod
+    def backward(dy, x, axis, mask, mean, invstd, weight, training, out):
+        """Input gradient into ``out``; returns ``(dweight, dbias)`` in ``x``'s dtype."""
+        return engine.backward(dy, x, engine.layout_of(x.shape, axis, x.itemsize), mask, mean,
+                               invstd, weight, training, out)
+
+    # --- the pieces, for statistics or corrections computed in between -----------
+    @staticmethod
+    def moments(x, axis):
+        """Per-channel ``(mean, biased variance)`` of ``x``."""
+        return engine.moments(x, engine.layout_of(x.shape, axis, x.itemsize))
+
+    @staticmethod
+    def grad_sums(dy, x, axis, mask, mean):
+        """Per-channel ``sum(g)`` and ``sum(g * (x - mean))``, ``g`` = ``dy`` masked."""
+        return engine.grad_sums(x, dy, engine.layout_of(x.shape, axis, x.itemsize), mean,
+                                mask=mask)
+
+    @staticmethod
+    def grad_input(dy, x, axis, mask, mean, invstd, weight, s_dy, s_dyx, count, out):
+        """Input gradient through statistics over ``count`` values per channel
+        whose gradient sums are ``s_dy``, ``s_dyx`` (all ranks', say)."""
+        layout = engine.layout_of(x.shape, axis, x.itemsize)
+        a, b, c = engine.backward_coefficients(s_dy, s_dyx, invstd, weight, count)
+        return engine.grad_input(dy, x, layout, a, b, c, mean, out, mask=mask)
+
+    @staticmethod
+    def update_running(running_mean, running_var, mean, var, count, factor):
+        """The running update with batch statistics over ``count`` values;
+        False (nothing changed) if they are not finite."""
+        return engine.update_running(running_mean, running_var, mean,
+                                     var * (count / (count - 1)), factor)
+
+    @staticmethod
+    def renorm(mean, var, running_mean, running_var, weight, bias, rmax, dmax, eps, factor):
+        """Batch Renormalization's corrections and moving update (Ioffe 2017):
+        ``(w, b, r, d, updated)``; normalizing with ``w`` and ``b`` as weight
+        and bias gives ``gamma * (x_hat * r + d) + beta``."""
+        std = np.sqrt(var + eps)
+        mu = running_mean.astype(np.float64)
+        sigma = np.sqrt(running_var.astype(np.float64) + eps)
+        r = np.clip(std / sigma, 1.0 / rmax, rmax)
+        d = np.clip((mean - mu) / sigma, -dmax, dmax)
+        if weight is not None:
+            gamma = weight.astype(np.float64)
+            w = gamma * r
+            b = gamma * d if bias is None else bias.astype(np.float64) + gamma * d
+        else:
+            w, b = r, d
+        updated = bool(np.isfinite(mean).all() and np.isfinite(std).all())
+        if updated:
+            sigma = sigma + factor * (std - sigma)
+            running_mean[...] = mu + factor * (mean - mu)
+            running_var[...] = np.maximum(sigma * sigma - eps, 0.0)
+        return w, b, r, d, updated
+
+    @staticmethod
+    def renorm_grads(r, d, dweight, dbias):
+        """gamma's gradient ``r * dweight + d * dbias`` (float64), from that of
+        batch norm with weight ``gamma * r``."""
+        return r * dweight + d * dbias
+
+
+BACKEND = CPU()
