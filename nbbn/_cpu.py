@@ -42,6 +42,21 @@ class CPU:
         return check.channel_vector(v, name, channels, widen=False)
 
     @staticmethod
+    def parameter(value, name, channels, dtype):
+        """``value`` as a layer's per-channel array: (C,), in ``dtype``, writable
+        (converted if needed)."""
+        if check.is_device_array(value):
+            raise TypeError(f"{name} is a device array but the layer is on the CPU")
+        a = np.asarray(value)
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be a real array, got dtype {a.dtype}")
+        if a.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), got {a.shape}")
+        if a.dtype != dtype or not (a.flags.c_contiguous and a.flags.writeable):
+            a = a.astype(dtype)
+        return a
+
+    @staticmethod
     def stats(v, name, channels):
         """Per-channel statistics (mean, invstd) as float64, or None."""
         return check.channel_vector(v, name, channels)

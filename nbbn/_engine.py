@@ -55,12 +55,6 @@ STREAM_MIN_BYTES = None
 #: channels of at least ``MIN_BLOCK_WIDTH`` columns, for the threads.
 MIN_TASKS = 8
 MIN_BLOCK_WIDTH = 64
-#: Planes layout, training: with at least this many channels, and a channel
-#: (input and output, or input and gradient) within this share of the
-#: last-level cache, one task takes a whole channel: its output is computed
-#: while its input is still in the cache.
-BY_CHANNEL_MIN = 8
-BY_CHANNEL_SHARE = 8
 
 _kernels = None
 
@@ -100,7 +94,6 @@ class Layout(NamedTuple):
     blocks: int  # blocks of channels per chunk of rows (rows layout)
     serial: bool  # the kernels run in the calling thread only
     stream: bool  # outputs are written with non-temporal stores
-    by_channel: bool  # planes: one task per channel in training
 
 
 @functools.lru_cache(maxsize=512)
@@ -117,10 +110,8 @@ def layout_of(shape, axis, itemsize=4):
         view = (shape[0], channels, math.prod(shape[2:]))
         sizes = np.full(-(-view[2] // PLANE_CHUNK), PLANE_CHUNK, dtype=np.float64)
         sizes[-1] = view[2] - PLANE_CHUNK * (sizes.size - 1)
-        by_channel = (channels >= BY_CHANNEL_MIN
-                      and 2 * count * itemsize <= last_level_cache_bytes() // BY_CHANNEL_SHARE)
         return Layout(view, True, channels, view[2], count, _frozen(np.tile(sizes, view[0])),
-                      0, 1, serial, stream, by_channel)
+                      0, 1, serial, stream)
     if axis == 1 and len(shape) > 2:
         inner = math.prod(shape[2:])
         rows, width = shape[0], channels * inner
@@ -135,9 +126,10 @@ def layout_of(shape, axis, itemsize=4):
     sizes[-1] = (view[0] - rows_per_chunk * (parts - 1)) * (view[1] // channels)
     # Too few chunks of rows for the threads: split each into blocks of
     # channels (independent columns: the same bits).
-    blocks = max(1, min(-(-MIN_TASKS // parts), channels * inner // MIN_BLOCK_WIDTH, channels))
+    blocks = 1 if serial else max(1, min(-(-MIN_TASKS // parts),
+                                         channels * inner // MIN_BLOCK_WIDTH, channels))
     return Layout(view, False, channels, inner, count, _frozen(sizes), rows_per_chunk, blocks,
-                  serial, stream, False)
+                  serial, stream)
 
 
 def _frozen(a):
@@ -252,8 +244,7 @@ def train(x, layout, running_mean, running_var, factor, weight, bias, eps, relu,
     v, o = x.reshape(layout.view), out.reshape(layout.view)
     if layout.planes:
         return _run(layout, "plane_train", v, PLANE_CHUNK, layout.counts, running_mean,
-                    running_var, factor, weight, bias, eps, relu, layout.by_channel,
-                    _stream(layout, out), o)
+                    running_var, factor, weight, bias, eps, relu, _stream(layout, out), o)
     return _run(layout, "row_train", v, layout.rows_per_chunk, layout.channels, layout.inner,
                 layout.counts, layout.blocks, running_mean, running_var, factor, weight, bias,
                 eps, relu, _stream(layout, out), o)
@@ -277,7 +268,7 @@ def backward(dy, x, layout, mask, mean, invstd, weight, training, out):
     m = _view(mask, layout)
     if layout.planes:
         return _run(layout, "plane_backward", g, v, m, mean, invstd, weight, training,
-                    PLANE_CHUNK, float(layout.count), layout.by_channel, _stream(layout, out), o)
+                    PLANE_CHUNK, float(layout.count), _stream(layout, out), o)
     return _run(layout, "row_backward", g, v, m, mean, invstd, weight, training,
                 layout.rows_per_chunk, layout.channels, layout.inner, layout.blocks,
                 float(layout.count), _stream(layout, out), o)

@@ -103,6 +103,10 @@ def check_like(a, x, name):
 
 def check_out(out, x):
     """``out`` must be a writable C-contiguous array like ``x``."""
+    if type(out) is np.ndarray and out.shape == x.shape and out.dtype is x.dtype:
+        flags = out.flags
+        if flags.c_contiguous and flags.writeable:
+            return out
     check_like(out, x, "out")
     if not (out.dtype.isnative and out.flags.c_contiguous and out.flags.writeable):
         raise ValueError("out must be a writable, C-contiguous array in native byte order")
@@ -128,6 +132,12 @@ def channel_vector(v, name, channels, widen=True):
 
 def running_stats(mean, var, channels):
     """Running statistics to update in place: both or neither, writable float (C,)."""
+    if (type(mean) is np.ndarray and type(var) is np.ndarray
+            and (mean.dtype is _F32 or mean.dtype is _F64)
+            and (var.dtype is _F32 or var.dtype is _F64)
+            and mean.shape == var.shape == (channels,)
+            and mean.flags.writeable and var.flags.writeable):
+        return
     if (mean is None) != (var is None):
         raise ValueError("running_mean and running_var must be given together")
     for v, name in ((mean, "running_mean"), (var, "running_var")):
@@ -146,6 +156,8 @@ def momentum(m, allow_none=False):
     """A finite momentum (any real number, as torch: ``(1 - m) * running + m *
     batch``), or None where ``allow_none``; NaN and infinities are refused, they
     would turn the running statistics into NaN without a word."""
+    if type(m) is float and m - m == 0.0:  # finite (inf - inf and NaN - NaN are NaN)
+        return m
     if m is None and allow_none:
         return None
     if isinstance(m, bool) or not isinstance(m, numbers.Real) or not math.isfinite(m):
@@ -155,6 +167,8 @@ def momentum(m, allow_none=False):
 
 
 def eps(e):
+    if type(e) is float and 0.0 < e < math.inf:
+        return e
     if isinstance(e, bool) or not isinstance(e, numbers.Real) or not (e > 0 and math.isfinite(e)):
         raise ValueError(f"eps must be a positive finite number, got {e!r}")
     return float(e)

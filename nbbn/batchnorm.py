@@ -19,6 +19,7 @@ normalization) itself.
 """
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -50,6 +51,24 @@ class _Saved(NamedTuple):
     batch_stats: bool
     synced: bool  # the backward is collective
     overwritten: bool
+
+
+def _channel_array(name, present, doc):
+    """A per-channel array attribute of the layer, checked when assigned (so
+    that every call can trust it): of shape (C,), converted to the layer's
+    dtype and device; None exactly when the layer's option ``present`` is off."""
+    private = "_" + name
+
+    def assign(self, value):
+        if value is None or not getattr(self, present):
+            if (value is None) == bool(getattr(self, present)):
+                raise ValueError(f"{name} must be {'an array' if value is None else 'None'}: "
+                                 f"the layer has {present}={getattr(self, present)}")
+        else:
+            value = self._backend.parameter(value, name, self.num_features, self.dtype)
+        setattr(self, private, value)
+
+    return property(attrgetter(private), assign, doc=doc)
 
 
 def _backend(device):
@@ -106,6 +125,12 @@ class BatchNorm:
     gradients are wrong.
     """
 
+    gamma = _channel_array("gamma", "affine", "The learned scale (C,), or None without ``affine``.")
+    beta = _channel_array("beta", "bias", "The learned shift (C,), or None without ``bias``.")
+    running_mean = _channel_array("running_mean", "track_running_stats",
+                                  "The running mean (C,), or None without running statistics.")
+    running_var = _channel_array("running_var", "track_running_stats",
+                                 "The running variance (C,), or None without running statistics.")
     #: Batch Renormalization's part (:class:`nbbn.renorm.Renorm`), or None.
     _correction = None
     _show_comm = True  # in the repr (SyncBatchNorm's name says it)
@@ -207,7 +232,8 @@ class BatchNorm:
         backend = _backend(device)
         if backend is self._backend:
             return self
-        for name in ("gamma", "beta", "running_mean", "running_var", "grad_gamma", "grad_beta"):
+        for name in ("_gamma", "_beta", "_running_mean", "_running_var", "grad_gamma",
+                     "grad_beta"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, backend.put(value))

@@ -293,6 +293,11 @@ def grad_input(dy, x, plan, a, b, c, mean, out, *, mask=None):
     return out
 
 
+def _cpu_parameter(value, name, channels, dtype):
+    from .._cpu import CPU
+    return CPU.parameter(value, name, channels, dtype)
+
+
 class GPU:
     """Batch normalization on device arrays: the GPU twin of ``nbbn._cpu.CPU``,
     method for method. NumPy inputs are copied to the device; outputs and
@@ -317,6 +322,13 @@ class GPU:
     @staticmethod
     def vector(v, name, channels):
         return _vector(v, name, channels)
+
+    @staticmethod
+    def parameter(value, name, channels, dtype):
+        if not is_device_array(value):
+            return cuda().to_device(_cpu_parameter(value, name, channels, dtype))
+        a = _vector(value, name, channels)
+        return a if a.dtype == dtype else astype(a, dtype)
 
     @staticmethod
     def stats(v, name, channels):
