@@ -160,6 +160,7 @@ class BatchNorm:
         self.training = True
         self.grad_gamma = self.grad_beta = None
         self._saved = None
+        self._recorder = None  # where nbbn.precise_statistics collects batch statistics
         self.to(device)
 
     @property
@@ -313,7 +314,8 @@ class BatchNorm:
                 raise
             error = err
         if not synced and not x.size:  # no samples, nothing to normalize; torch counts it
-            self.num_batches_tracked += self.training and self.running_mean is not None
+            self.num_batches_tracked += (self.training and self.running_mean is not None
+                                         and self._recorder is None)
             self._saved = _Saved(x, None, [], batch_stats, False, False)
             return out
         if not batch_stats:
@@ -361,7 +363,7 @@ class BatchNorm:
         else:
             xg, og = (x, out) if part is None else (x[part], out[part])
         tracking = self.running_mean is not None
-        if not synced and self._correction is None:
+        if not synced and self._correction is None and self._recorder is None:
             mean, _, invstd, updated = b.train(
                 xg, self.axis, self.running_mean, self.running_var, self._factor(), self.gamma,
                 self.beta, self.eps, relu, og)
@@ -374,18 +376,18 @@ class BatchNorm:
             mean, var = b.moments(xg, self.axis)
             count = xg.size / self.num_features
         weight, bias, correction = self.gamma, self.beta, None
-        if self._correction is not None:
+        if self._recorder is not None:
+            self._recorder.add(b.host(mean), b.host(var), count)
+        elif self._correction is not None:
             weight, bias, correction, updated = self._correction.correct(
                 b, mean, var, self.running_mean, self.running_var, self.gamma, self.beta,
                 self.eps, self._factor())
+            self._count(tracking, updated)
         else:
-            updated = tracking and b.update_running(self.running_mean, self.running_var, mean,
-                                                    var, count, self._factor())
-        self._count(tracking, updated)
+            self._count(tracking, tracking and b.update_running(
+                self.running_mean, self.running_var, mean, var, count, self._factor()))
         invstd = b.evaluate(xg, self.axis, mean, var, weight, bias, self.eps, relu, og) \
-            if xg.size else None
-        if invstd is None:
-            invstd = b.invstd(var, self.eps)
+            if xg.size else b.invstd(var, self.eps)
         return _Group(part, mean, invstd, weight, correction, count)
 
     def _count(self, tracking, updated):
