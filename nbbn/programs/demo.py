@@ -3,15 +3,17 @@ learning rates? Train the NumPy MLP of :mod:`nbbn.programs.mlp` on scikit-learn'
 handwritten digits with and without BatchNorm, at a low and a high learning rate, from the
 same initial weights and the same batches, and compare.
 
+With ``--claims`` (or ``--claim NAME``, repeatable) it tests batch norm's claims instead,
+each with a verdict (:mod:`nbbn.programs.claims`, docs/claims.md).
+
 Needs the optional extra ``demo`` (scikit-learn for the data, matplotlib for ``--plot``).
 """
 import argparse
 import time
-import warnings
 
 import numpy as np
 
-from .mlp import MLP, accuracy, cross_entropy
+from .mlp import MLP, fit
 
 __all__ = ["load_digits_split", "train", "run", "plot", "format_table", "add_arguments",
            "main"]
@@ -72,40 +74,12 @@ def train(data, *, batch_norm, lr, steps=500, batch_size=64, hidden=(128, 64), s
         ``diverged_at`` (first step with a non-finite loss, or None) and
         ``seconds``.
     """
-    x_tr, y_tr, x_te, y_te = data
+    x_tr, y_tr = data[0], data[1]
     net = MLP([x_tr.shape[1], *hidden, int(y_tr.max()) + 1], batch_norm, seed=seed,
               dtype=x_tr.dtype)
-    order_rng = np.random.default_rng(seed + 1)
-    order, pos = order_rng.permutation(len(y_tr)), 0
-    losses, eval_steps, accs = [], [], []
-    reached = diverged = None
-    t0 = time.perf_counter()
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)     # a diverged batch norm warns
-        for step in range(1, steps + 1):
-            if pos + batch_size > len(order):
-                order, pos = order_rng.permutation(len(y_tr)), 0
-            idx = order[pos:pos + batch_size]
-            pos += batch_size
-            net.train()
-            loss, dlogits = cross_entropy(net.forward(x_tr[idx]), y_tr[idx])
-            losses.append(loss)
-            if not np.isfinite(loss):
-                diverged = step
-                break
-            net.backward(dlogits)
-            net.sgd_step(lr)
-            if step % eval_every == 0 or step == steps:
-                acc = accuracy(net.eval().forward(x_te), y_te)
-                eval_steps.append(step)
-                accs.append(acc)
-                if reached is None and acc >= target:
-                    reached = step
-    final = accs[-1] if accs and diverged is None else float("nan")
-    return {"batch_norm": bool(batch_norm), "lr": float(lr), "loss": losses,
-            "eval_steps": eval_steps, "test_acc": accs, "final_acc": final,
-            "steps_to_target": reached, "diverged_at": diverged,
-            "seconds": time.perf_counter() - t0}
+    r = fit(net, data, lr=lr, steps=steps, batch_size=batch_size, seed=seed,
+            eval_every=eval_every, target=target)
+    return {"batch_norm": bool(batch_norm), "lr": float(lr), **r}
 
 
 def _warm_up(dtype, hidden):
@@ -219,30 +193,62 @@ def plot(results, path, target=TARGET):
     plt.close(fig)
 
 
+#: The plain demo's options and their defaults (None in the parser, so that
+#: ``--claims`` can tell which were given).
+_DEFAULTS = {"steps": 500, "lr": [0.03, 2.0], "batch_size": 64, "eval_every": 5, "seed": 0}
+
+
 def add_arguments(parser):
     """Add the demo's options to an ``argparse`` parser."""
-    parser.add_argument("--steps", type=int, default=500, help="SGD steps per model (500)")
-    parser.add_argument("--lr", type=float, nargs="+", default=[0.03, 2.0], metavar="LR",
+    from .claims_experiments import CLAIMS
+    parser.add_argument("--steps", type=int, help="SGD steps per model (500)")
+    parser.add_argument("--lr", type=float, nargs="+", metavar="LR",
                         help="learning rates, each run with and without BatchNorm (0.03 2.0)")
-    parser.add_argument("--batch-size", type=int, default=64, help="samples per step (64)")
-    parser.add_argument("--eval-every", type=int, default=5,
+    parser.add_argument("--batch-size", type=int, help="samples per step (64)")
+    parser.add_argument("--eval-every", type=int,
                         help="measure test accuracy every this many steps (5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, batches, split")
-    parser.add_argument("--plot", metavar="PATH", help="write the curves as a PNG here")
+    parser.add_argument("--seed", type=int, help="seed of weights, batches, split (0)")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="write the curves as a PNG here (with --claims: a folder, "
+                             "one PNG per claim)")
+    claims = parser.add_argument_group(
+        "claims", "test batch norm's claims instead, with a verdict table (docs/claims.md)")
+    claims.add_argument("--claims", action="store_true", help="run every claim's experiment")
+    claims.add_argument("--claim", action="append", choices=list(CLAIMS), metavar="NAME",
+                        help="run this claim only (repeatable): " + ", ".join(CLAIMS))
+    claims.add_argument("--seeds", type=int, metavar="N",
+                        help="seeds 0 to N-1 for every setting (3)")
+    claims.add_argument("--tiny", action="store_true",
+                        help="a smoke test at tiny sizes: the numbers mean nothing")
     return parser
 
 
 def main(args):
     """Run the demo from parsed ``args`` (see :func:`add_arguments`); return 0."""
+    import importlib.util
+    needed = ["sklearn"] + (["matplotlib"] if args.plot else [])
+    claims = args.claims or bool(args.claim)
+    if not claims and (args.tiny or args.seeds is not None):
+        raise SystemExit("demo: --tiny and --seeds go with --claims or --claim")
+    if claims:
+        given = [f"--{k.replace('_', '-')}" for k in _DEFAULTS if getattr(args, k) is not None]
+        if given:
+            raise SystemExit(f"demo: {', '.join(given)} set the plain demo; --claims and "
+                             f"--claim take --seeds, --tiny and --plot DIR")
+        if args.seeds is not None and args.seeds < 1:
+            raise SystemExit(f"demo: expected --seeds >= 1, got {args.seeds}")
+    for k, v in _DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.steps < 1 or args.batch_size < 2 or args.eval_every < 1 or min(args.lr) <= 0:
         raise SystemExit(f"demo: expected --steps >= 1, --batch-size >= 2, --eval-every >= 1 "
                          f"and --lr > 0, got {args.steps}, {args.batch_size}, "
                          f"{args.eval_every}, {args.lr}")
-    import importlib.util
-    needed = ["sklearn"] + (["matplotlib"] if args.plot else [])
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"demo: {' and '.join(missing)} not installed: pip install 'nbbn[demo]'")
+    if claims:
+        return _main_claims(args)
     results, timing = run(lrs=tuple(args.lr), steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed, eval_every=args.eval_every)
     print()
@@ -252,6 +258,36 @@ def main(args):
     if args.plot:
         plot(results, args.plot)
         print(f"curves written to {args.plot}")
+    return 0
+
+
+def _main_claims(args):
+    """``--claims`` / ``--claim NAME``: run the experiments, print the tables, plot."""
+    import dataclasses
+
+    from .claims import FULL, TINY, format_details, format_verdicts, run_claims
+    from .claims_experiments import CLAIMS
+    names = [n for n in CLAIMS if n in (args.claim or CLAIMS)]
+    config = TINY if args.tiny else FULL
+    if args.seeds is not None:
+        config = dataclasses.replace(config, seeds=tuple(range(args.seeds)))
+    print(f"claims: {', '.join(names)}; seeds {', '.join(map(str, config.seeds))}"
+          f"{' (tiny sizes: a smoke test)' if args.tiny else ''}")
+    t0 = time.perf_counter()
+    with _blas_threads(1):
+        warm = _warm_up(np.float32, config.hidden)
+        results = run_claims(names, config)
+    for r in results:
+        print()
+        print(format_details(r))
+    print()
+    print(format_verdicts(results))
+    print(f"\n{len(results)} claims in {time.perf_counter() - t0:.1f} s (numba warm-up, "
+          f"compile or load from cache: {warm:.1f} s)")
+    if args.plot:
+        from .claims_plots import plot_claims
+        paths = plot_claims(results, args.plot)
+        print(f"{len(paths)} figures written to {args.plot}")
     return 0
 
 
