@@ -27,9 +27,10 @@ import time
 import numpy as np
 
 from .bench_engines import DEFAULT_ENGINES, ENGINES, OPERATIONS, TRAFFIC, make_inputs
+from .pipeline import BATCHES, STEPS, make_step, threading_report
 
 __all__ = ["DEFAULT_CASES", "BandwidthProbe", "measure_bandwidth", "calibrate", "sample",
-           "time_call", "run", "format_table", "first_call_seconds", "startup_times", "plot",
+           "time_call", "run", "run_pipeline", "format_table", "first_call_seconds", "startup_times", "plot",
            "add_arguments", "main"]
 
 BASIC_OPS = ("forward-train", "forward-eval", "backward")
@@ -120,8 +121,9 @@ def run(cases=DEFAULT_CASES, dtype=np.float32, engines=DEFAULT_ENGINES, threads=
     threads = threads or numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(threads)
     say = progress or (lambda text: None)
-    say("memory bandwidth probe")
-    probe = BandwidthProbe()
+    if cases:
+        say("memory bandwidth probe")
+    probe = BandwidthProbe() if cases else None
     dtype = np.dtype(dtype)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": _machine(threads), "dtype": dtype.name, "repeat": repeat,
@@ -139,13 +141,15 @@ def run(cases=DEFAULT_CASES, dtype=np.float32, engines=DEFAULT_ENGINES, threads=
             except NotImplementedError:  # torch not installed
                 continue
             loops, first = calibrate(fn)
-            timed[name] = (fn, loops, 3 if first > SLOW_CALL_S else repeat, [])
+            timed[name] = (fn, loops, 3 if first > SLOW_CALL_S else repeat, [],
+                           ENGINES[name].settle_s)
         bw = []
         for r in range(repeat):
             bw.append(probe.sample())
-            for fn, loops, rounds, samples in timed.values():
+            for fn, loops, rounds, samples, settle in timed.values():
                 if r < rounds:
                     samples.append(sample(fn, loops))
+                    time.sleep(settle)
         all_bw += bw
         case = {"shape": list(shape), "operation": op, "traffic_bytes": TRAFFIC[op] * x.nbytes,
                 "bandwidth_bytes_per_s": float(np.median(bw)),
@@ -154,9 +158,76 @@ def run(cases=DEFAULT_CASES, dtype=np.float32, engines=DEFAULT_ENGINES, threads=
         _derive(case, case["bandwidth_bytes_per_s"])
         result["cases"].append(case)
         del timed, x, dy
-    result["bandwidth_bytes_per_s"] = float(np.median(all_bw))
+    result["bandwidth_bytes_per_s"] = float(np.median(all_bw)) if all_bw else None
     result["bandwidth_samples"] = all_bw
     return result
+
+
+def run_pipeline(batches=BATCHES, engines=tuple(STEPS), threads=None, repeat=7,
+                 progress=None):
+    """Time one MLP training step (:mod:`nbbn.programs.pipeline`) per engine and
+    batch size; return a dict (the JSON's ``pipeline``).
+
+    Each engine runs in fresh processes of its own (two, one after the other
+    engine's, each taking half the samples): a training step leaves thread
+    pools and library state behind (after a torch step, NumPy's matmuls in the
+    same process ran 1.6x faster here), and a user's loop has one of them only.
+    """
+    say = progress or (lambda text: None)
+    samples = {e: {b: [] for b in batches} for e in engines}
+    report = {}
+    for half in (repeat - repeat // 2, repeat // 2):
+        for name in engines:
+            if not half:
+                continue
+            say(f"pipeline: {name}, batches {', '.join(map(str, batches))} (a fresh process)")
+            got = _pipeline_process(name, batches, half, threads)
+            if got is None:  # torch not installed
+                samples.pop(name, None)
+                continue
+            for b, values in got["samples"].items():
+                samples[name][int(b)] += values
+            report[name] = got["threading"]
+    cases = []
+    for b in batches:
+        seconds = {e: float(np.median(samples[e][b])) for e in samples}
+        case = {"batch": b, "seconds": seconds, "samples": {e: samples[e][b] for e in samples}}
+        if "nbbn" in seconds:
+            case["speedup"] = {k: v / seconds["nbbn"] for k, v in seconds.items() if k != "nbbn"}
+        cases.append(case)
+    return {"threading": report.get("nbbn", ""), "cases": cases}
+
+
+_PIPELINE = """
+import json, sys, time
+from nbbn.programs.bench import calibrate, sample
+from nbbn.programs.pipeline import make_step, threading_report
+engine, batches, repeat, threads = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), \
+    int(sys.argv[4]) or None
+out = {"samples": {}}
+try:
+    steps = {b: make_step(engine, int(b), threads) for b in batches}
+except NotImplementedError:
+    print("null"); sys.exit()
+for b, fn in steps.items():
+    loops, _ = calibrate(fn)
+    out["samples"][b] = [sample(fn, loops) for _ in range(repeat)]
+out["threading"] = threading_report()
+print(json.dumps(out))
+"""
+
+
+def _pipeline_process(engine, batches, repeat, threads):
+    """Samples of ``engine``'s training step, measured in a new interpreter."""
+    env = dict(os.environ)
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    if threads:
+        env["NUMBA_NUM_THREADS"] = str(threads)
+    done = subprocess.run([sys.executable, "-c", _PIPELINE, engine, ",".join(map(str, batches)),
+                           str(repeat), str(threads or 0)], capture_output=True, text=True,
+                          env=env, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def _derive(case, bandwidth):
@@ -214,9 +285,12 @@ def format_table(result):
     """The result as Markdown tables (the basic operations, then the fused ReLU)."""
     bw = result["bandwidth_bytes_per_s"]
     m = result["machine"]
-    lines = [f"nbbn bench, {result['date'][:10]}, {m['threads']} threads, {result['dtype']}, "
-             f"memory bandwidth {bw / 1e9:.1f} GB/s (median of {len(result['bandwidth_samples'])}"
-             f" probes taken between the samples; each case's roofline uses its own)", ""]
+    head = f"nbbn bench, {result['date'][:10]}, {m['threads']} threads, {result['dtype']}"
+    if bw is not None:
+        head += (f", memory bandwidth {bw / 1e9:.1f} GB/s (median of "
+                 f"{len(result['bandwidth_samples'])} probes taken between the samples; each "
+                 "case's roofline uses its own)")
+    lines = [head, ""]
     basic = [c for c in result["cases"] if c["operation"] != "relu-step"]
     fused = [c for c in result["cases"] if c["operation"] == "relu-step"]
     if basic:
@@ -229,6 +303,20 @@ def format_table(result):
         lines += _table(fused, names, {"nbbn": "nbbn activation='relu'",
                                        "nbbn+numpy-relu": "nbbn + NumPy ReLU",
                                        "torch": "torch relu(bn)"})
+    if "pipeline" in result:
+        pipe = result["pipeline"]
+        names = [e for e in STEPS if any(e in c["seconds"] for c in pipe["cases"])]
+        others = [e for e in names if e != "nbbn"]
+        lines += ["", "Pipeline: one training step of a NumPy MLP, x (B, 256) @ W1 -> BatchNorm(512) "
+                      "-> ReLU -> @ W2 -> BatchNorm(512) -> ReLU and its backward, BLAS matmuls in "
+                      f"between ({pipe['threading']}):", "",
+                  "| batch | " + " | ".join(names) + " | " + " | ".join(f"vs {e}" for e in others)
+                  + " |", "|" + "---|" * (1 + len(names) + len(others))]
+        for c in pipe["cases"]:
+            r = c.get("speedup", {})
+            lines.append(f"| {c['batch']} | " + " | ".join(_fmt_time(c["seconds"].get(e))
+                                                          for e in names)
+                         + " | " + " | ".join(_fmt_ratio(r.get(e)) for e in others) + " |")
     if "startup" in result:
         st = result["startup"]
         lines += ["", f"import nbbn: {st['import_s']:.3f} s; first forward+backward in a new "
@@ -329,6 +417,9 @@ def add_arguments(parser):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: nbbn's GPU kernels against torch's cuDNN and a copy "
                              "kernel, on (64, 64, 112, 112) unless --shapes")
+    parser.add_argument("--pipeline", type=int, nargs="*", metavar="B",
+                        help="time a NumPy MLP training step at these batch sizes (default: "
+                             f"{' '.join(map(str, BATCHES))}; in the default run too)")
     parser.add_argument("--startup", action="store_true",
                         help="also time import, first call, and a cold compile (~30 s)")
     parser.add_argument("--json", metavar="PATH", help="write every figure here as JSON")
@@ -357,16 +448,23 @@ def main(args):
                 json.dump({str(k): v for k, v in results.items()}, f, indent=1)
         return 0
     if args.shapes is None and args.ops is None:
-        cases = DEFAULT_CASES
+        cases = DEFAULT_CASES if args.pipeline is None else ()
     else:
         cases = tuple((s, op) for s in (args.shapes or DEFAULT_SHAPES)
                       for op in (args.ops or BASIC_OPS))
+    batches = ((args.pipeline or BATCHES) if args.pipeline is not None
+               else BATCHES if cases is DEFAULT_CASES else ())
+    if any(b < 2 for b in batches):
+        raise SystemExit(f"bench: --pipeline batch sizes must be >= 2, got {batches}")
 
     def progress(text):
         print(f"  ... {text}", file=sys.stderr, flush=True)
 
     result = run(cases, args.dtype, tuple(args.engines), args.threads, args.repeat,
                  progress=progress)
+    if batches:
+        result["pipeline"] = run_pipeline(batches, threads=result["machine"]["threads"],
+                                          repeat=args.repeat, progress=progress)
     if args.startup:
         progress("import time, first call, cold compile (fresh processes)")
         result["startup"] = startup_times(threads=result["machine"]["threads"])

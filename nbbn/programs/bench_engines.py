@@ -24,6 +24,10 @@ OPERATIONS = ("forward-train", "forward-eval", "backward", "relu-step")
 #: writes dx; the ReLU step adds the saved output y to both backward passes).
 TRAFFIC = {"forward-train": 3, "forward-eval": 2, "backward": 5, "relu-step": 10}
 MOMENTUM, EPS = 0.1, 1e-5
+#: Seconds to wait after a sample of torch before timing anything else: its
+#: OpenMP threads keep spinning for several milliseconds after each call (about
+#: 7 ms measured here, slowing the next calls on the same cores by 40%).
+TORCH_SETTLE_S = 0.02
 
 
 def make_inputs(shape, dtype=np.float32, seed=0):
@@ -46,6 +50,7 @@ class Engine:
 
     name = ""
     operations = ()
+    settle_s = 0.0  # seconds its threads keep the cores busy after a call
 
     def __init__(self, x, dy, threads=None):
         self.x, self.dy = x, dy
@@ -165,6 +170,7 @@ class TorchEngine(Engine):
 
     name = "torch"
     operations = OPERATIONS
+    settle_s = TORCH_SETTLE_S
 
     def __init__(self, x, dy, threads=None):
         try:
