@@ -51,10 +51,10 @@ def last_level_cache_bytes():
 #: every line before writing it. None: the last-level cache's size. Smaller
 #: outputs are faster through the cache.
 STREAM_MIN_BYTES = None
-#: Rows layout: fewer chunks of rows than this are split into blocks of
-#: channels of at least ``MIN_BLOCK_WIDTH`` columns, for the threads.
-MIN_TASKS = 8
-MIN_BLOCK_WIDTH = 64
+#: Rows layout: fewer chunks of rows than threads are split into blocks of
+#: channels, each at least this many columns wide (shorter rows of blocks
+#: cost more than the threads gain).
+MIN_BLOCK_WIDTH = 256
 
 _kernels = None
 
@@ -126,10 +126,15 @@ def layout_of(shape, axis, itemsize=4):
     sizes[-1] = (view[0] - rows_per_chunk * (parts - 1)) * (view[1] // channels)
     # Too few chunks of rows for the threads: split each into blocks of
     # channels (independent columns: the same bits).
-    blocks = 1 if serial else max(1, min(-(-MIN_TASKS // parts),
-                                         channels * inner // MIN_BLOCK_WIDTH, channels))
+    threads = 1 if serial else _max_threads()
+    blocks = max(1, min(-(-threads // parts), channels * inner // MIN_BLOCK_WIDTH, channels))
     return Layout(view, False, channels, inner, count, _frozen(sizes), rows_per_chunk, blocks,
                   serial, stream)
+
+
+def _max_threads():
+    from numba import config
+    return config.NUMBA_NUM_THREADS
 
 
 def _frozen(a):

@@ -11,7 +11,7 @@ import pytest
 
 ASV = pathlib.Path(__file__).resolve().parents[1] / "asv_bench"
 sys.path.insert(0, str(ASV))
-from benchmarks import batchnorm, fused, startup  # noqa: E402
+from benchmarks import batchnorm, fused, pipeline, startup  # noqa: E402
 
 from nbbn.programs.bench_engines import ENGINES  # noqa: E402
 
@@ -60,6 +60,16 @@ def test_batchnorm_bodies(engine, dtype, operation):
 @pytest.mark.parametrize("engine", fused.ENGINES)
 def test_fused_relu_bodies(engine):
     ran = run_once(fused.FusedRelu, engine, (4, 3, 5, 5))
+    if engine == "torch" and not ran:
+        pytest.importorskip("torch")
+    assert ran
+
+
+@pytest.mark.parametrize("engine", pipeline.Pipeline.params[0])
+def test_pipeline_bodies(engine):
+    from nbbn.programs.pipeline import BATCHES, STEPS
+    assert pipeline.Pipeline.params == [list(STEPS), list(BATCHES)]
+    ran = run_once(pipeline.Pipeline, engine, 8)
     if engine == "torch" and not ran:
         pytest.importorskip("torch")
     assert ran

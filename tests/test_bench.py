@@ -119,3 +119,50 @@ def test_engines_compute_the_relu_step(engine):
     np.testing.assert_allclose(dx, rdx, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dw, rdw, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(db, rdb, rtol=1e-9, atol=1e-9)
+
+
+# --- the pipeline case -------------------------------------------------------
+
+def mlp_step_reference(batch):
+    """dW1, dW2 of the pipeline's MLP step in float64 (batch statistics, ReLU)."""
+    from nbbn.programs.pipeline import EPS, _inputs
+    x, w1, w2, dy = (a.astype(np.float64) for a in _inputs(batch))
+    saved = []
+    a = x
+    for w in (w1, w2):
+        z = a @ w
+        y = naive.batch_norm(z, training=True, eps=EPS)
+        saved.append((a, z, y))
+        a = np.maximum(y[0], 0)
+    grads, g = [], dy
+    for w, (a_in, z, (y, _, _, mean, invstd)) in zip((w2, w1), reversed(saved)):
+        dz = naive.batch_norm_backward(np.where(y > 0, g, 0), z, mean, invstd)[0]
+        grads.append(a_in.T @ dz)
+        g = dz @ w.T
+    return grads[1], grads[0]
+
+
+@pytest.mark.parametrize("engine", ["nbbn", "numpy", "torch"])
+def test_pipeline_steps_compute_the_mlp_gradients(engine):
+    from nbbn.programs.pipeline import make_step
+    try:
+        step = make_step(engine, 32)
+    except NotImplementedError:
+        pytest.importorskip("torch")
+        raise
+    for got, expected in zip(step(), mlp_step_reference(32)):
+        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+
+
+def test_cli_pipeline(tmp_path):
+    path = tmp_path / "pipeline.json"
+    r = run_cli("--pipeline", "8", "16", "--repeat", "2", "--threads", "1", "--json", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "Pipeline: one training step" in r.stdout and "numba threading layer" in r.stdout
+    assert "| 8 |" in r.stdout and "| 16 |" in r.stdout
+    assert "| (" not in r.stdout  # no per-call cases without --shapes/--ops
+    result = json.loads(path.read_text())["pipeline"]
+    assert [c["batch"] for c in result["cases"]] == [8, 16]
+    for case in result["cases"]:
+        assert len(case["samples"]["nbbn"]) == 2 and case["seconds"]["nbbn"] > 0
+        assert "numpy" in case["speedup"]

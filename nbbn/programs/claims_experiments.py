@@ -353,14 +353,21 @@ def _mismatch_runs(runner):
             for lr, b in c.mismatch}
 
 
+def _mode_comparisons(runs, metric, direction, arm, other, last=False):
+    """One Comparison per mismatch setting of probe ``arm`` against ``other``:
+    their final values (``last``) or their means along training, per seed."""
+    value = (lambda r, k: r[k][-1]) if last else (lambda r, k: np.mean(r[k]))
+    return [Comparison(f"lr {lr:g}, batch {b}", metric, direction,
+                       [value(r, arm) for r in rs], [value(r, other) for r in rs])
+            for (lr, b), rs in runs.items()]
+
+
 def mismatch(runner):
     """Claim 7 (a weakness): evaluation mode (running statistics) is less accurate than
     training mode (batch statistics) along training."""
     runs = _mismatch_runs(runner)
-    comparisons = [Comparison(f"lr {lr:g}, batch {b}", "mean test accuracy along training",
-                              "lower", [np.mean(r["test_acc"]) for r in rs],
-                              [np.mean(r["batch_acc"]) for r in rs])
-                   for (lr, b), rs in runs.items()]
+    comparisons = _mode_comparisons(runs, "mean test accuracy along training", "lower",
+                                    "test_acc", "batch_acc")
     return _result("mismatch", comparisons, _mean_over(comparisons, "mean over the settings"),
                    {"curves": {k: _curves(v) for k, v in runs.items()}},
                    arms=("running statistics", "batch statistics"))
@@ -369,14 +376,10 @@ def mismatch(runner):
 def precise(runner):
     """Claim 7's remedy: recomputing the population statistics after training."""
     runs = _mismatch_runs(runner)
-    comparisons = [Comparison(f"lr {lr:g}, batch {b}", "test accuracy after training",
-                              "higher", [r["precise_acc"][-1] for r in rs],
-                              [r["test_acc"][-1] for r in rs])
-                   for (lr, b), rs in runs.items()]
-    along = [Comparison(f"lr {lr:g}, batch {b}", "mean test accuracy along training",
-                        "higher", [np.mean(r["precise_acc"]) for r in rs],
-                        [np.mean(r["test_acc"]) for r in rs])
-             for (lr, b), rs in runs.items()]
+    comparisons = _mode_comparisons(runs, "test accuracy after training", "higher",
+                                    "precise_acc", "test_acc", last=True)
+    along = _mode_comparisons(runs, "mean test accuracy along training", "higher",
+                              "precise_acc", "test_acc")
     return _result("precise", comparisons, _mean_over(comparisons, "mean over the settings"),
                    {"curves": {k: _curves(v) for k, v in runs.items()}},
                    arms=("precise statistics", "running statistics"), extra=along)

@@ -75,15 +75,19 @@ def _finish(ax, xlabel, ylabel, title=None, ylim=(0, 1.02), target=None, logx=Fa
     ax.legend(fontsize=8, loc="best")
 
 
-def _speed(plt, r):
+def _test_curves(plt, r, title, target=None):
+    """One panel per setting of ``r.data['curves']``: test accuracy along training."""
     curves = r.data["curves"]
     fig, axes = _panels(plt, len(curves))
-    for ax, (lr, arms) in zip(axes, curves.items()):
+    for ax, (setting, arms) in zip(axes, curves.items()):
         for arm, runs in arms.items():
             _seed_curves(ax, runs, "test_acc", arm)
-        _finish(ax, "SGD step", "test accuracy (eval mode)", f"lr {lr:g}",
-                target=r.data["target"])
+        _finish(ax, "SGD step", "test accuracy (eval mode)", title(setting), target=target)
     return fig
+
+
+def _speed(plt, r):
+    return _test_curves(plt, r, lambda lr: f"lr {lr:g}", target=r.data["target"])
 
 
 def _lr(plt, r):
@@ -104,13 +108,7 @@ def _init(plt, r):
 
 
 def _saturating(plt, r):
-    curves = r.data["curves"]
-    fig, axes = _panels(plt, len(curves))
-    for ax, (setting, arms) in zip(axes, curves.items()):
-        for arm, runs in arms.items():
-            _seed_curves(ax, runs, "test_acc", arm)
-        _finish(ax, "SGD step", "test accuracy (eval mode)", setting)
-    return fig
+    return _test_curves(plt, r, str)
 
 
 def _regularizer(plt, r):
