@@ -370,18 +370,35 @@ def startup_times(repeat=3, threads=None):
 
 
 def plot(result, path):
-    """A PNG bar chart of nbbn's roofline fraction per case (needs matplotlib)."""
+    """A PNG of two bar charts side by side (needs matplotlib): nbbn's speedup
+    over each peer per case (above 1: nbbn is faster), and the fraction of the
+    memory roofline nbbn reaches."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     cases = [c for c in result["cases"] if "roofline" in c]
     labels = [f"{'x'.join(map(str, c['shape']))}\n{c['operation']}" for c in cases]
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(cases)), 4.5))
-    ax.bar(range(len(cases)), [c["roofline"] for c in cases], color="tab:blue")
-    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(cases)), labels, rotation=90, fontsize=7)
-    ax.set_ylabel("fraction of the memory roofline")
-    ax.set_title(f"nbbn, {result['machine']['threads']} threads, {result['dtype']}, "
+    peers = [p for p in ENGINES if any(p in c.get("speedup", {}) for c in cases)]
+    x = np.arange(len(cases))
+    fig, (ax_speed, ax_roof) = plt.subplots(1, 2, figsize=(max(10, 1.2 * len(cases)), 4.8))
+    width = 0.8 / max(1, len(peers))
+    for i, peer in enumerate(peers):
+        ax_speed.bar(x + (i - (len(peers) - 1) / 2) * width,
+                     [c.get("speedup", {}).get(peer, np.nan) for c in cases], width,
+                     label=f"vs {peer}")
+    ax_speed.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax_speed.set_yscale("log", base=2)
+    ax_speed.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax_speed.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax_speed.set_ylabel("speedup of nbbn (their time / nbbn's)")
+    ax_speed.legend(fontsize=8)
+    ax_roof.bar(x, [c["roofline"] for c in cases], color="tab:blue")
+    ax_roof.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax_roof.set_ylabel("fraction of the memory roofline")
+    for ax in (ax_speed, ax_roof):
+        ax.set_xticks(x, labels, rotation=90, fontsize=7)
+    fig.suptitle(f"nbbn, {result['machine']['threads']} threads, {result['dtype']}, "
                  f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -424,7 +441,8 @@ def add_arguments(parser):
                         help="also time import, first call, and a cold compile (~30 s)")
     parser.add_argument("--json", metavar="PATH", help="write every figure here as JSON")
     parser.add_argument("--plot", metavar="PATH",
-                        help="write a PNG bar chart of the roofline fractions (extra 'plot')")
+                        help="write PNG bar charts of the speedups and roofline fractions "
+                             "(extra 'plot')")
     return parser
 
 
