@@ -392,7 +392,8 @@ def plot(result, path):
     ax_speed.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax_speed.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_speed.set_ylabel("speedup of nbbn (their time / nbbn's)")
-    ax_speed.legend(fontsize=8)
+    if peers:
+        ax_speed.legend(fontsize=8)
     ax_roof.bar(x, [c["roofline"] for c in cases], color="tab:blue")
     ax_roof.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     ax_roof.set_ylabel("fraction of the memory roofline")
