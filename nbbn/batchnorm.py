@@ -19,14 +19,25 @@ normalization) itself.
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
 from operator import attrgetter
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _validation as check
 from ._cpu import BACKEND as CPU
+from ._types import Activation, Array, ArrayIn, ArrayOut, Axis, Comm, Device
 from .functional import warn_not_finite
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+elif TYPE_CHECKING:
+    from typing_extensions import Self
+if TYPE_CHECKING:
+    from .renorm import Renorm
 
 __all__ = ["BatchNorm"]
 
@@ -41,7 +52,8 @@ class _Group(NamedTuple):
     invstd: Any
     weight: Any  # the weight the normalization used (gamma, gamma * r, r, or None)
     correction: Any  # Batch Renormalization's (r, d), or None
-    count: float  # values per channel the statistics were taken over (all ranks)
+    # values per channel the statistics were taken over (all ranks); None in evaluation
+    count: float | None  # type: ignore[assignment]  # (shadows tuple.count)
 
 
 class _Saved(NamedTuple):
@@ -125,51 +137,56 @@ class BatchNorm:
     gradients are wrong.
     """
 
-    gamma = _channel_array("gamma", "affine", "The learned scale (C,), or None without ``affine``.")
-    beta = _channel_array("beta", "bias", "The learned shift (C,), or None without ``bias``.")
-    running_mean = _channel_array("running_mean", "track_running_stats",
-                                  "The running mean (C,), or None without running statistics.")
-    running_var = _channel_array("running_var", "track_running_stats",
-                                 "The running variance (C,), or None without running statistics.")
+    gamma: Array | None = _channel_array(
+        "gamma", "affine", "The learned scale (C,), or None without ``affine``.")
+    beta: Array | None = _channel_array(
+        "beta", "bias", "The learned shift (C,), or None without ``bias``.")
+    running_mean: Array | None = _channel_array(
+        "running_mean", "track_running_stats",
+        "The running mean (C,), or None without running statistics.")
+    running_var: Array | None = _channel_array(
+        "running_var", "track_running_stats",
+        "The running variance (C,), or None without running statistics.")
     #: Batch Renormalization's part (:class:`nbbn.renorm.Renorm`), or None.
-    _correction = None
+    _correction: Renorm | None = None
     _show_comm = True  # in the repr (SyncBatchNorm's name says it)
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
-                 axis: int = 1, dtype: Any = np.float32, activation: str | None = None,
-                 virtual_batch_size: int | None = None, comm: Any = None,
-                 device: str = "cpu") -> None:
-        self.num_features = check.num_features(num_features)
-        self.eps = check.eps(eps)
-        self.momentum = check.momentum(momentum, allow_none=True)
-        self.axis = check.check_axis(axis)
-        self.dtype = check.float_dtype(dtype)
-        self.activation = check.activation(activation)
-        self.virtual_batch_size = check.virtual_batch_size(virtual_batch_size)
+                 axis: Axis = 1, dtype: DTypeLike = np.float32, activation: Activation = None,
+                 virtual_batch_size: int | None = None, comm: Comm | None = None,
+                 device: Device = "cpu") -> None:
+        self.num_features: int = check.num_features(num_features)
+        self.eps: float = check.eps(eps)
+        self.momentum: float | None = check.momentum(momentum, allow_none=True)
+        self.axis: Axis = check.check_axis(axis)
+        self.dtype: np.dtype[np.floating] = check.float_dtype(dtype)
+        self.activation: Activation = check.activation(activation)
+        self.virtual_batch_size: int | None = check.virtual_batch_size(virtual_batch_size)
         self._collective = None
         if comm is not None:
             from .sync import Collective
             self._collective = Collective(comm)
-        self.affine = bool(affine)
-        self.bias = bool(bias) and self.affine
-        self.track_running_stats = bool(track_running_stats)
-        self._backend = CPU
+        self.affine: bool = bool(affine)
+        self.bias: bool = bool(bias) and self.affine
+        self.track_running_stats: bool = bool(track_running_stats)
+        self._backend: Any = CPU  # the CPU backend, or the GPU's (the same methods)
         self.reset_parameters()
-        self.num_batches_tracked = 0
-        self.training = True
-        self.grad_gamma = self.grad_beta = None
-        self._saved = None
-        self._recorder = None  # where nbbn.precise_statistics collects batch statistics
+        self.num_batches_tracked: int = 0
+        self.training: bool = True
+        self.grad_gamma: Array | None = None
+        self.grad_beta: Array | None = None
+        self._saved: _Saved | None = None
+        self._recorder: Any = None  # where nbbn.precise_statistics collects batch statistics
         self.to(device)
 
     @property
-    def comm(self):
+    def comm(self) -> Comm | None:
         """The MPI communicator the training statistics span, or None."""
         return None if self._collective is None else self._collective.comm
 
     @property
-    def device(self) -> str:
+    def device(self) -> Device:
         """'cpu' or 'cuda': where the layer computes (see :meth:`to`)."""
         return self._backend.name
 
@@ -204,16 +221,16 @@ class BatchNorm:
         self.gamma = b.full(c, 1.0, self.dtype) if self.affine else None
         self.beta = b.full(c, 0.0, self.dtype) if self.bias else None
 
-    def train(self, mode: bool = True) -> BatchNorm:
+    def train(self, mode: bool = True) -> Self:
         """Set training mode (batch statistics, running updates); return self."""
         self.training = bool(mode)
         return self
 
-    def eval(self) -> BatchNorm:
+    def eval(self) -> Self:
         """Set evaluation mode (running statistics); return self."""
         return self.train(False)
 
-    def to(self, device: str) -> BatchNorm:
+    def to(self, device: Device) -> Self:
         """Move the parameters, running statistics and gradients to ``device``;
         return self.
 
@@ -241,7 +258,7 @@ class BatchNorm:
         self._backend, self._saved = backend, None
         return self
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, NDArray[Any]]:
         """Copies of the parameters and running statistics, with the keys of
         ``torch.nn.BatchNorm2d.state_dict()``: NumPy arrays on any device."""
         values = {"weight": self.gamma, "bias": self.beta, "running_mean": self.running_mean,
@@ -253,7 +270,7 @@ class BatchNorm:
         keys = (("weight",) if self.affine else ()) + (("bias",) if self.bias else ())
         return keys + (_STATE_KEYS[2:] if self.track_running_stats else ())
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike]) -> None:
         """Load a state (from :meth:`state_dict` or torch): all of it or, on any
         error, nothing."""
         keys = self._state_keys()
@@ -261,7 +278,7 @@ class BatchNorm:
         unexpected = [k for k in state_dict if k not in keys]
         if missing or unexpected:
             raise ValueError(f"state_dict keys do not match: missing {missing}, unexpected {unexpected}")
-        new = {}
+        new: dict[str, Any] = {}
         for k in keys:
             v = np.asarray(state_dict[k])
             if k == "num_batches_tracked":
@@ -277,10 +294,10 @@ class BatchNorm:
                 setattr(self, attr, new[k])
 
     # --- forward ----------------------------------------------------------------
-    def __call__(self, x, out=None):
+    def __call__(self, x: ArrayIn, out: ArrayOut | None = None) -> Array:
         return self.forward(x, out=out)
 
-    def forward(self, x, out=None):
+    def forward(self, x: ArrayIn, out: ArrayOut | None = None) -> Array:
         """Normalize ``x``; in training mode also update the running statistics.
 
         With ``comm``, a training forward is a collective call: every rank
@@ -306,14 +323,17 @@ class BatchNorm:
             x = b.input(x)
             check.check_input(b.meta(x), self.axis, self.num_features)
             out = b.output(out, x)
-            if batch_stats and self.training and (x.size or synced):
+            # (x is the checked array now; mypy keeps its declared type: the ignores)
+            if batch_stats and self.training and (x.size or synced):  # type: ignore[union-attr]
                 groups = self._groups(x, synced)
-                last = (x if groups[-1] is None else x[groups[-1]]).size // self.num_features
+                last = (x if groups[-1] is None  # type: ignore[union-attr]
+                        else x[groups[-1]]).size // self.num_features  # type: ignore[index,call-overload]
         except Exception as err:  # noqa: BLE001 - a collective must still take place
             if not synced:
                 raise
             error = err
-        if not synced and not x.size:  # no samples, nothing to normalize; torch counts it
+        # no samples, nothing to normalize; torch counts it
+        if not synced and not x.size:  # type: ignore[union-attr]
             self.num_batches_tracked += (self.training and self.running_mean is not None
                                          and self._recorder is None)
             self._saved = _Saved(x, None, [], batch_stats, False, False)
@@ -398,7 +418,7 @@ class BatchNorm:
                             else "running statistics")
 
     # --- backward ---------------------------------------------------------------
-    def backward(self, dy, out=None):
+    def backward(self, dy: ArrayIn, out: ArrayOut | None = None) -> Array:
         """Gradient with respect to the input of the most recent forward.
 
         Sets ``grad_gamma`` and ``grad_beta`` (None without ``affine``); with

@@ -1,5 +1,8 @@
 """Fold an evaluation-mode batch normalization into the layer before it."""
+from __future__ import annotations
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _validation as check
 from .batchnorm import BatchNorm
@@ -7,7 +10,8 @@ from .batchnorm import BatchNorm
 __all__ = ["fold_linear", "fold_conv"]
 
 
-def fold_linear(bn, weight, bias=None):
+def fold_linear(bn: BatchNorm, weight: ArrayLike, bias: ArrayLike | None = None
+                ) -> tuple[NDArray[np.floating], NDArray[np.floating]]:
     """Fold ``bn`` into the Linear layer ``y = x @ weight.T + bias`` before it.
 
     Parameters
@@ -42,7 +46,8 @@ def fold_linear(bn, weight, bias=None):
     return _fold(bn, weight, bias, "Linear", 2)
 
 
-def fold_conv(bn, weight, bias=None):
+def fold_conv(bn: BatchNorm, weight: ArrayLike, bias: ArrayLike | None = None
+              ) -> tuple[NDArray[np.floating], NDArray[np.floating]]:
     """Fold ``bn`` into the convolution before it (any spatial rank, any groups).
 
     Parameters

@@ -2,11 +2,13 @@
 ``torch.nn.functional.batch_norm`` and its backward. NumPy arrays run on the
 CPU; device arrays (``__cuda_array_interface__``) on the GPU backend, which
 is imported only then."""
-import warnings
+from __future__ import annotations
 
+import warnings
 import numpy as np
 
 from . import _validation as check
+from ._types import Activation, Array, ArrayIn, ArrayOut, Axis
 from ._cpu import BACKEND as CPU
 
 __all__ = ["batch_norm", "native_batch_norm", "batch_norm_backward"]
@@ -20,8 +22,11 @@ def backend_of(*arrays):
     return CPU
 
 
-def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
-               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, activation=None):
+def batch_norm(x: ArrayIn, running_mean: ArrayOut | None = None,
+               running_var: ArrayOut | None = None, weight: ArrayIn | None = None,
+               bias: ArrayIn | None = None, training: bool = False, momentum: float = 0.1,
+               eps: float = 1e-5, *, axis: Axis = 1, out: ArrayOut | None = None,
+               activation: Activation = None) -> Array:
     """Batch normalization, as ``torch.nn.functional.batch_norm``.
 
     Parameters
@@ -61,8 +66,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                     out, activation, False)[0]
 
 
-def native_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
-                      eps, *, axis=1, out=None, activation=None):
+def native_batch_norm(x: ArrayIn, running_mean: ArrayOut | None,
+                      running_var: ArrayOut | None, weight: ArrayIn | None,
+                      bias: ArrayIn | None, training: bool, momentum: float, eps: float, *,
+                      axis: Axis = 1, out: ArrayOut | None = None,
+                      activation: Activation = None) -> tuple[Array, Array, Array]:
     """:func:`batch_norm` returning also the statistics it normalized with.
 
     Returns
@@ -117,8 +125,10 @@ def warn_not_finite(stacklevel, what="running statistics"):
                   "not updated", RuntimeWarning, stacklevel=stacklevel + 1)
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis=1, out=None,
-                        y=None, activation=None):
+def batch_norm_backward(dy: ArrayIn, x: ArrayIn, mean: ArrayIn, invstd: ArrayIn,
+                        weight: ArrayIn | None = None, training: bool = True, *,
+                        axis: Axis = 1, out: ArrayOut | None = None, y: ArrayIn | None = None,
+                        activation: Activation = None) -> tuple[Array, Array, Array]:
     """Gradients of :func:`batch_norm` given the gradient ``dy`` of its output.
 
     Parameters
@@ -155,10 +165,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis
     """
     relu = check.activation(activation) is not None
     backend = CPU if type(x) is np.ndarray and type(dy) is np.ndarray else backend_of(x, dy)
-    x = backend.input(x)
-    if x.ndim == 1 and x.size == 0:  # torch's degenerate case
+    x = backend.input(x)  # (the checked array; mypy keeps its declared type: the ignores)
+    if x.ndim == 1 and x.size == 0:  # type: ignore[union-attr]  # torch's degenerate case
         dy = backend.like(dy, x, "dy")
-        zeros = backend.full(0, 0.0, x.dtype)
+        zeros = backend.full(0, 0.0, x.dtype)  # type: ignore[union-attr]
         return backend.output(out, x), zeros, zeros
     channels = check.check_input(backend.meta(x), check.check_axis(axis))
     dy = backend.like(dy, x, "dy")
@@ -167,8 +177,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True, *, axis
     weight = backend.vector(weight, "weight", channels)
     mask = check.saved_output(y, x, relu, backend.like)
     out = backend.output(out, x)
-    if not x.size:  # no samples: no gradient
-        zeros = backend.full(channels, 0.0, x.dtype)
+    if not x.size:  # type: ignore[union-attr]  # no samples: no gradient
+        zeros = backend.full(channels, 0.0, x.dtype)  # type: ignore[union-attr]
         return out, zeros, zeros
     dweight, dbias = backend.backward(dy, x, axis, mask, mean, invstd, weight, bool(training),
                                       out)

@@ -2,12 +2,12 @@
 the :class:`~nbbn.BatchNorm` template, and the layer that uses it."""
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from . import _validation as check
 from .batchnorm import BatchNorm
+from ._types import Activation, Axis, Comm, Device
 
 __all__ = ["BatchRenorm"]
 
@@ -94,11 +94,13 @@ class BatchRenorm(BatchNorm):
     unchanged and emits a ``RuntimeWarning``.
     """
 
+    _correction: Renorm
+
     def __init__(self, num_features: int, rmax: float = 3.0, dmax: float = 5.0,
                  eps: float = 1e-5, momentum: float | None = 0.01, affine: bool = True, *,
-                 bias: bool = True, axis: int = 1, dtype: Any = np.float32,
-                 activation: str | None = None, virtual_batch_size: int | None = None,
-                 comm: Any = None, device: str = "cpu") -> None:
+                 bias: bool = True, axis: Axis = 1, dtype: DTypeLike = np.float32,
+                 activation: Activation = None, virtual_batch_size: int | None = None,
+                 comm: Comm | None = None, device: Device = "cpu") -> None:
         self._correction = Renorm(rmax, dmax)
         super().__init__(num_features, eps, momentum, affine, True, bias=bias, axis=axis,
                          dtype=dtype, activation=activation,
@@ -123,7 +125,7 @@ class BatchRenorm(BatchNorm):
         self._correction.dmax = check.renorm_limit(value, "dmax", 0.0)
 
     @property
-    def running_std(self) -> np.ndarray:
+    def running_std(self) -> NDArray[np.float64]:
         """The moving ``sigma = sqrt(running_var + eps)``, float64 (NumPy on any device)."""
         return np.sqrt(self._backend.host(self.running_var).astype(np.float64) + self.eps)
 

@@ -12,12 +12,12 @@ never imports it).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+from numpy.typing import DTypeLike
 
 from ._engine import merge_moments
 from .batchnorm import BatchNorm
+from ._types import Activation, Axis, Comm, Device
 
 __all__ = ["SyncBatchNorm"]
 
@@ -188,16 +188,16 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
-                 axis: int = 1, dtype: Any = np.float32, activation: str | None = None,
-                 virtual_batch_size: int | None = None, comm: Any = None,
-                 device: str = "cpu") -> None:
+                 axis: Axis = 1, dtype: DTypeLike = np.float32, activation: Activation = None,
+                 virtual_batch_size: int | None = None, comm: Comm | None = None,
+                 device: Device = "cpu") -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias,
                          axis=axis, dtype=dtype, activation=activation,
                          virtual_batch_size=virtual_batch_size,
                          comm=_comm_world() if comm is None else comm, device=device)
 
     @classmethod
-    def from_batchnorm(cls, bn: BatchNorm, comm: Any = None) -> SyncBatchNorm:
+    def from_batchnorm(cls, bn: BatchNorm, comm: Comm | None = None) -> SyncBatchNorm:
         """A SyncBatchNorm with the settings, parameters, running statistics,
         device and mode of ``bn`` (copied).
 
