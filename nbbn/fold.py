@@ -53,8 +53,7 @@ def fold_conv(bn: BatchNorm, weight: ArrayLike, bias: ArrayLike | None = None
     Parameters
     ----------
     bn : BatchNorm or BatchRenorm
-        In evaluation mode, with running statistics, ``num_features`` equal
-        to ``weight.shape[0]``. Not modified.
+        As for :func:`fold_linear`.
     weight : ndarray of shape (out_channels, in_channels / groups, *kernel)
         float32 or float64 convolution weight, with one or more spatial
         dimensions (``Conv1d``/``Conv2d``/``Conv3d`` layout). Not modified.
@@ -70,11 +69,9 @@ def fold_conv(bn: BatchNorm, weight: ArrayLike, bias: ArrayLike | None = None
 
     Raises
     ------
-    TypeError
-        ``bn`` is not a batch normalization layer, or ``weight`` is not float.
-    ValueError
-        ``bn`` is in training mode or keeps no running statistics, shapes do
-        not match, or ``weight`` has fewer than 3 dimensions.
+    TypeError, ValueError
+        As :func:`fold_linear`; ValueError also if ``weight`` has fewer than 3
+        dimensions.
 
     Notes
     -----
