@@ -30,6 +30,8 @@ def fold_linear(bn: BatchNorm, weight: ArrayLike, bias: ArrayLike | None = None
         New arrays in the dtype of ``weight`` such that, in evaluation mode,
         ``bn(x @ weight.T + bias)`` equals ``x @ weight_new.T + bias_new``
         (up to rounding). ``bias`` is always returned, even when None was given.
+        A fused activation (``activation='relu'``) is not folded: apply it to
+        the folded layer's output.
 
     Raises
     ------
@@ -65,7 +67,8 @@ def fold_conv(bn: BatchNorm, weight: ArrayLike, bias: ArrayLike | None = None
     weight, bias : ndarray
         New arrays in the dtype of ``weight`` such that, in evaluation mode,
         ``bn(conv(x, weight, bias))`` equals ``conv(x, weight_new, bias_new)``
-        (up to rounding), for any stride, padding, dilation and groups.
+        (up to rounding), for any stride, padding, dilation and groups; a
+        fused activation is not folded (as :func:`fold_linear`).
 
     Raises
     ------

@@ -1,5 +1,6 @@
-"""The issue-5 extras on the GPU path against the CPU path: the fused ReLU,
-Batch Renormalization and ghost batches; SyncBatchNorm stays on the CPU.
+"""The extras on the GPU path against the CPU path: the fused ReLU, Batch
+Renormalization and ghost batches (their combinations, SyncBatchNorm's
+included, are in tests/test_compose.py).
 
 Run like tests/test_cuda.py (see tests/cudasim.py): in this process with
 NUMBA_ENABLE_CUDASIM=1 or a GPU, otherwise in a subprocess under the simulator.

@@ -19,7 +19,7 @@ from .. import _validation as check
 #: Threads of every block (results do not depend on it).
 THREADS_PER_BLOCK = 256
 #: Logical lanes of a block's reduction; a power of two, at most
-#: ``cuda_kernels.MAX_LANES``. Each thread plays ``LANES / THREADS_PER_BLOCK`` lanes.
+#: ``nbbn.gpu.kernels.MAX_LANES``. Each thread plays ``LANES / THREADS_PER_BLOCK`` lanes.
 LANES = 256
 #: Elements one lane reduces into a partial state.
 ELEMENTS_PER_LANE = 16
