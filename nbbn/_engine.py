@@ -51,6 +51,11 @@ def last_level_cache_bytes():
 #: every line before writing it. None: the last-level cache's size. Smaller
 #: outputs are faster through the cache.
 STREAM_MIN_BYTES = None
+#: Planes layout, training and backward: inputs up to this size (and with two
+#: channels a thread) give each task a whole channel, statistics and output in
+#: one parallel region (measured here: 10-28% faster up to 4 MiB; slower
+#: beyond, where planes read channel by channel defeat the prefetchers).
+BY_CHANNEL_MAX_BYTES = 4 << 20
 #: Rows layout: fewer chunks of rows than threads are split into blocks of
 #: channels, each at least this many columns wide (shorter rows of blocks
 #: cost more than the threads gain).
@@ -94,6 +99,7 @@ class Layout(NamedTuple):
     blocks: int  # blocks of channels per chunk of rows (rows layout)
     serial: bool  # the kernels run in the calling thread only
     stream: bool  # outputs are written with non-temporal stores
+    by_channel: bool  # planes: one task per channel in training and backward
 
 
 @functools.lru_cache(maxsize=512)
@@ -110,8 +116,10 @@ def layout_of(shape, axis, itemsize=4):
         view = (shape[0], channels, math.prod(shape[2:]))
         sizes = np.full(-(-view[2] // PLANE_CHUNK), PLANE_CHUNK, dtype=np.float64)
         sizes[-1] = view[2] - PLANE_CHUNK * (sizes.size - 1)
+        by_channel = (not serial and channels >= 2 * _max_threads()
+                      and nbytes <= BY_CHANNEL_MAX_BYTES)
         return Layout(view, True, channels, view[2], count, _frozen(np.tile(sizes, view[0])),
-                      0, 1, serial, stream)
+                      0, 1, serial, stream, by_channel)
     if axis == 1 and len(shape) > 2:
         inner = math.prod(shape[2:])
         rows, width = shape[0], channels * inner
@@ -129,7 +137,7 @@ def layout_of(shape, axis, itemsize=4):
     threads = 1 if serial else _max_threads()
     blocks = max(1, min(-(-threads // parts), channels * inner // MIN_BLOCK_WIDTH, channels))
     return Layout(view, False, channels, inner, count, _frozen(sizes), rows_per_chunk, blocks,
-                  serial, stream)
+                  serial, stream, False)
 
 
 def _max_threads():
@@ -249,7 +257,8 @@ def train(x, layout, running_mean, running_var, factor, weight, bias, eps, relu,
     v, o = x.reshape(layout.view), out.reshape(layout.view)
     if layout.planes:
         return _run(layout, "plane_train", v, PLANE_CHUNK, layout.counts, running_mean,
-                    running_var, factor, weight, bias, eps, relu, _stream(layout, out), o)
+                    running_var, factor, weight, bias, eps, relu, layout.by_channel,
+                    _stream(layout, out), o)
     return _run(layout, "row_train", v, layout.rows_per_chunk, layout.channels, layout.inner,
                 layout.counts, layout.blocks, running_mean, running_var, factor, weight, bias,
                 eps, relu, _stream(layout, out), o)
@@ -273,7 +282,7 @@ def backward(dy, x, layout, mask, mean, invstd, weight, training, out):
     m = _view(mask, layout)
     if layout.planes:
         return _run(layout, "plane_backward", g, v, m, mean, invstd, weight, training,
-                    PLANE_CHUNK, float(layout.count), _stream(layout, out), o)
+                    PLANE_CHUNK, float(layout.count), layout.by_channel, _stream(layout, out), o)
     return _run(layout, "row_backward", g, v, m, mean, invstd, weight, training,
                 layout.rows_per_chunk, layout.channels, layout.inner, layout.blocks,
                 float(layout.count), _stream(layout, out), o)

@@ -156,53 +156,6 @@ def _grad_input_span(dy, x, mask, a, b, c, mean, stream, out):
     store_fence()
 
 
-# Rows: the same per element, four rows per visit of the coefficient arrays
-# (a quarter of their loads), for outputs that stay in the caches.
-
-@njit(cache=True)
-def _axpb_rows(x, r0, r1, a, b, relu, out):
-    r = r0
-    while r + 4 <= r1:
-        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-        o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
-        if relu:
-            for j in range(a.shape[0]):
-                aj, bj = a[j], b[j]
-                v0, v1, v2, v3 = x0[j] * aj + bj, x1[j] * aj + bj, x2[j] * aj + bj, x3[j] * aj + bj
-                o0[j] = 0.0 if v0 < 0.0 else v0
-                o1[j] = 0.0 if v1 < 0.0 else v1
-                o2[j] = 0.0 if v2 < 0.0 else v2
-                o3[j] = 0.0 if v3 < 0.0 else v3
-        else:
-            for j in range(a.shape[0]):
-                aj, bj = a[j], b[j]
-                o0[j] = x0[j] * aj + bj
-                o1[j] = x1[j] * aj + bj
-                o2[j] = x2[j] * aj + bj
-                o3[j] = x3[j] * aj + bj
-        r += 4
-    for k in range(r, r1):
-        _axpb(x[k], a, b, relu, out[k])
-
-
-@njit(cache=True)
-def _grad_input_rows(dy, x, r0, r1, a, b, c, mean, out):
-    r = r0
-    while r + 4 <= r1:
-        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-        g0, g1, g2, g3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
-        o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
-        for j in range(a.shape[0]):
-            aj, bj, cj, mj = a[j], b[j], c[j], mean[j]
-            o0[j] = g0[j] * aj + (x0[j] - mj) * bj + cj
-            o1[j] = g1[j] * aj + (x1[j] - mj) * bj + cj
-            o2[j] = g2[j] * aj + (x2[j] - mj) * bj + cj
-            o3[j] = g3[j] * aj + (x3[j] - mj) * bj + cj
-        r += 4
-    for k in range(r, r1):
-        _grad_input_plain(dy[k], x[k], None, a, b, c, mean, out[k])
-
-
 # Column sums over rows r0..r1, columns lo..lo+len(acc), of (R, W) arrays into
 # float64 accumulators, four rows per visit of the accumulator.
 

@@ -17,9 +17,11 @@ independent columns), so results are bitwise reproducible for any
 
 The passes over the data (``_*_pass``) are inlined into the kernels, so that
 one call does a whole forward or backward (``*_train``, ``*_eval``,
-``*_backward``: one dispatch, the per-channel arithmetic in between). The
-single passes stay kernels of their own for the layers that work between
-them (synchronized statistics, Batch Renormalization). Every parallel kernel has a
+``*_backward``: one dispatch, the per-channel arithmetic in between). For
+small planes inputs each task can take a whole channel (``by_channel``):
+statistics and output in one parallel region, the channel still in the
+cache. The single passes stay kernels of their own for the layers that work
+between them (synchronized statistics, Batch Renormalization). Every parallel kernel has a
 ``*_serial`` twin (same code, ``prange`` run as ``range``; no thread launch,
 for small inputs): same tasks, same order, same bits.
 """
@@ -28,34 +30,36 @@ from numba import njit, prange
 
 from ._jit import row, serial_twin, span
 from .kernel_loops import (_add_columns, _add_grad_columns, _add_squared_deviations,
-                           _affine_span, _axpb_rows, _expand, _fold_columns, _grad_dot,
-                           _grad_input_rows, _grad_input_span, _span_moments)
-
-#: Rows per task of the row-wise passes.
-ROW_GROUP = 4
+                           _affine_span, _expand, _fold_columns, _grad_dot, _grad_input_span,
+                           _span_moments)
 
 
 # --- per channel -------------------------------------------------------------
 
 @njit(cache=True)
-def merge_moments(counts, means, m2s):
-    """Merge partial states ``(counts[p], means[p, :], m2s[p, :])`` in order."""
-    n_parts, channels = means.shape
-    mean = np.zeros(channels)
-    m2 = np.zeros(channels)
-    n = 0.0
-    for p in range(n_parts):
+def _merge_channel(counts, means, m2s, c):
+    """(mean, M2) of channel ``c`` from its partial states ``means[p, c]``,
+    ``m2s[p, c]``, merged in order (Chan)."""
+    mean = m2 = n = 0.0
+    for p in range(counts.shape[0]):
         n_b = counts[p]
         if n_b == 0:
             continue
         total = n + n_b
         w = n_b / total
-        f = n * w
-        for c in range(channels):
-            delta = means[p, c] - mean[c]
-            mean[c] += delta * w
-            m2[c] += m2s[p, c] + delta * delta * f
+        delta = means[p, c] - mean
+        mean += delta * w
+        m2 += m2s[p, c] + delta * delta * (n * w)
         n = total
+    return mean, m2
+
+
+@njit(cache=True)
+def merge_moments(counts, means, m2s):
+    """Merge partial states ``(counts[p], means[p, :], m2s[p, :])`` in order."""
+    mean, m2 = np.empty(means.shape[1]), np.empty(means.shape[1])
+    for c in range(means.shape[1]):
+        mean[c], m2[c] = _merge_channel(counts, means, m2s, c)
     return mean, m2
 
 
@@ -77,22 +81,40 @@ def _sum_parts(parts):
 
 
 @njit(cache=True)
+def _coefficient(mean, var, weight, bias, eps, c):
+    """``(invstd, scale, shift)`` of channel ``c``: ``y = x * scale + shift``."""
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd if weight is None else weight[c] * invstd
+    shift = -mean * scale if bias is None else bias[c] - mean * scale
+    return invstd, scale, shift
+
+
+@njit(cache=True)
 def coefficients(mean, var, weight, bias, eps):
     """``(invstd, scale, shift)`` of ``y = x * scale + shift`` per channel;
     ``weight``, ``bias`` may be None; float32 values are widened exactly."""
-    mean = mean.astype(np.float64)
-    invstd = 1.0 / np.sqrt(var.astype(np.float64) + eps)
-    scale = invstd.copy() if weight is None else weight * invstd
-    shift = -mean * scale if bias is None else bias - mean * scale
+    invstd, scale, shift = np.empty(mean.shape[0]), np.empty(mean.shape[0]), np.empty(mean.shape[0])
+    for c in range(mean.shape[0]):
+        invstd[c], scale[c], shift[c] = _coefficient(mean[c] + 0.0, var[c] + 0.0, weight, bias,
+                                                     eps, c)
     return invstd, scale, shift
+
+
+@njit(cache=True)
+def _grad_coefficient(s_dy, s_dyx, invstd, weight, count, c):
+    """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c`` for channel ``c``."""
+    a = invstd if weight is None else weight[c] * invstd
+    return a, -a * invstd * (s_dyx * invstd) / count, -a * s_dy / count
 
 
 @njit(cache=True)
 def backward_coefficients(s_dy, s_dyx, invstd, weight, count):
     """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c`` per channel, for
     batch statistics over ``count`` values; ``weight`` may be None."""
-    a = invstd.copy() if weight is None else weight * invstd
-    return a, -a * invstd * (s_dyx * invstd) / count, -a * s_dy / count
+    a, b, c = np.empty(s_dy.shape[0]), np.empty(s_dy.shape[0]), np.empty(s_dy.shape[0])
+    for k in range(s_dy.shape[0]):
+        a[k], b[k], c[k] = _grad_coefficient(s_dy[k], s_dyx[k], invstd[k], weight, count, k)
+    return a, b, c
 
 
 @njit(cache=True)
@@ -233,13 +255,8 @@ def _plane_affine_pass(x, scale, shift, chunk, relu, mask, stream, out):
 def _row_affine_pass(x, scale, shift, channels, inner, relu, mask, stream, out):
     w = x.shape[1]
     a, b = _expand(scale, channels, inner, w), _expand(shift, channels, inner, w)
-    for g in prange(_n_chunks(x.shape[0], ROW_GROUP)):
-        r0, r1 = g * ROW_GROUP, min(g * ROW_GROUP + ROW_GROUP, x.shape[0])
-        if mask is None and not stream:
-            _axpb_rows(x, r0, r1, a, b, relu, out)
-        else:
-            for r in range(r0, r1):
-                _affine_span(x[r], a, b, relu, row(mask, r, 0, w), stream, out[r])
+    for r in prange(x.shape[0]):
+        _affine_span(x[r], a, b, relu, row(mask, r, 0, w), stream, out[r])
 
 
 @njit(inline="always")
@@ -279,13 +296,54 @@ def _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, stream, ou
     w = x.shape[1]
     ea, eb = _expand(a, channels, inner, w), _expand(b, channels, inner, w)
     ec, em = _expand(c, channels, inner, w), _expand(mean, channels, inner, w)
-    for g in prange(_n_chunks(x.shape[0], ROW_GROUP)):
-        r0, r1 = g * ROW_GROUP, min(g * ROW_GROUP + ROW_GROUP, x.shape[0])
-        if mask is None and not stream:
-            _grad_input_rows(dy, x, r0, r1, ea, eb, ec, em, out)
-        else:
-            for r in range(r0, r1):
-                _grad_input_span(dy[r], x[r], row(mask, r, 0, w), ea, eb, ec, em, stream, out[r])
+    for r in prange(x.shape[0]):
+        _grad_input_span(dy[r], x[r], row(mask, r, 0, w), ea, eb, ec, em, stream, out[r])
+
+
+@njit(cache=True)
+def _plane_channel_train(x, c, chunk, counts, weight, bias, eps, relu, stream, out):
+    """One channel of a planes training forward, its data still in the cache
+    for the second pass: ``(mean, var, invstd)``, ``out[:, c]`` written."""
+    k = _n_chunks(x.shape[2], chunk)
+    means, m2s = np.empty((counts.shape[0], 1)), np.empty((counts.shape[0], 1))
+    for n in range(x.shape[0]):
+        for q in range(k):
+            lo, hi = q * chunk, min(q * chunk + chunk, x.shape[2])
+            means[n * k + q, 0], m2s[n * k + q, 0] = _span_moments(x[n, c, lo:hi])
+    mean, m2 = _merge_channel(counts, means, m2s, 0)
+    var = m2 / counts.sum()
+    invstd, scale, shift = _coefficient(mean, var, weight, bias, eps, c)
+    for n in range(x.shape[0]):
+        for q in range(k):
+            lo, hi = q * chunk, min(q * chunk + chunk, x.shape[2])
+            _affine_span(x[n, c, lo:hi], scale, shift, relu, None, stream, out[n, c, lo:hi])
+    return mean, var, invstd
+
+
+@njit(cache=True)
+def _plane_channel_backward(dy, x, mask, mean, invstd, weight, count, training, c, chunk,
+                            stream, out):
+    """One channel of a planes backward, its data still in the cache for the
+    second pass: ``(sum(g), sum(g * (x - mean)))``, ``out[:, c]`` written."""
+    k = _n_chunks(x.shape[2], chunk)
+    s_dy = s_dyx = 0.0
+    for n in range(x.shape[0]):
+        for q in range(k):
+            lo, hi = q * chunk, min(q * chunk + chunk, x.shape[2])
+            a, b = _grad_dot(x[n, c, lo:hi], dy[n, c, lo:hi], span(mask, n, c, lo, hi), mean)
+            s_dy += a
+            s_dyx += b
+    a, b, shift = _grad_coefficient(s_dy, s_dyx, invstd, weight, count, c)
+    for n in range(x.shape[0]):
+        for q in range(k):
+            lo, hi = q * chunk, min(q * chunk + chunk, x.shape[2])
+            m = span(mask, n, c, lo, hi)
+            if training:
+                _grad_input_span(dy[n, c, lo:hi], x[n, c, lo:hi], m, a, b, shift, mean, stream,
+                                 out[n, c, lo:hi])
+            else:
+                _affine_span(dy[n, c, lo:hi], a, 0.0, False, m, stream, out[n, c, lo:hi])
+    return s_dy, s_dyx
 
 
 # --- kernels: one pass (serial twins at the end) -----------------------------
@@ -350,14 +408,22 @@ def row_grad_input(dy, x, mask, a, b, c, mean, channels, inner, stream, out):
 
 @njit(parallel=True, cache=True)
 def plane_train(x, chunk, counts, running_mean, running_var, factor, weight, bias, eps, relu,
-                stream, out):
+                by_channel, stream, out):
     """Training forward of (N, C, M) ``x``: batch statistics, running update
     (unless ``running_mean`` is None, or the statistics are not finite),
-    ``out``. Returns ``(mean, var, invstd, updated)``."""
-    means, m2s = _plane_moments_pass(x, chunk)
-    mean, var = _mean_var(counts, means, m2s)
-    invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
-    _plane_affine_pass(x, scale, shift, chunk, relu, None, stream, out)
+    ``out``. Returns ``(mean, var, invstd, updated)``. ``by_channel``: one
+    task per channel, its statistics and output together (one parallel region)."""
+    channels = x.shape[1]
+    if by_channel:
+        mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
+        for c in prange(channels):
+            mean[c], var[c], invstd[c] = _plane_channel_train(x, c, chunk, counts, weight, bias,
+                                                              eps, relu, stream, out)
+    else:
+        means, m2s = _plane_moments_pass(x, chunk)
+        mean, var = _mean_var(counts, means, m2s)
+        invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
+        _plane_affine_pass(x, scale, shift, chunk, relu, None, stream, out)
     updated = _track(running_mean, running_var, mean, var, counts.sum(), factor)
     return mean, var, invstd, updated
 
@@ -391,17 +457,26 @@ def row_eval(x, channels, inner, mean, var, weight, bias, eps, relu, stream, out
 
 
 @njit(parallel=True, cache=True)
-def plane_backward(dy, x, mask, mean, invstd, weight, training, chunk, count, stream, out):
+def plane_backward(dy, x, mask, mean, invstd, weight, training, chunk, count, by_channel,
+                   stream, out):
     """Backward of a planes forward: ``out`` is the input gradient (through
     the batch statistics if ``training``), returns ``(dweight, dbias)`` in
-    ``x``'s dtype; ``g`` (``dy`` masked) as in :func:`plane_grad_sums`."""
-    s_dy, s_dyx = _plane_grad_sums_pass(x, dy, mask, mean, chunk)
-    if training:
-        a, b, c = backward_coefficients(s_dy, s_dyx, invstd, weight, count)
-        _plane_grad_input_pass(dy, x, mask, a, b, c, mean, chunk, stream, out)
+    ``x``'s dtype; ``g`` (``dy`` masked) as in :func:`plane_grad_sums`;
+    ``by_channel`` as in :func:`plane_train`."""
+    channels = x.shape[1]
+    if by_channel:
+        s_dy, s_dyx = np.empty(channels), np.empty(channels)
+        for c in prange(channels):
+            s_dy[c], s_dyx[c] = _plane_channel_backward(
+                dy, x, mask, mean[c], invstd[c], weight, count, training, c, chunk, stream, out)
     else:
-        scale = _eval_scale(invstd, weight)
-        _plane_affine_pass(dy, scale, np.zeros(x.shape[1]), chunk, False, mask, stream, out)
+        s_dy, s_dyx = _plane_grad_sums_pass(x, dy, mask, mean, chunk)
+        if training:
+            a, b, c = backward_coefficients(s_dy, s_dyx, invstd, weight, count)
+            _plane_grad_input_pass(dy, x, mask, a, b, c, mean, chunk, stream, out)
+        else:
+            scale = _eval_scale(invstd, weight)
+            _plane_affine_pass(dy, scale, np.zeros(channels), chunk, False, mask, stream, out)
     return _cast_gradients(s_dy, s_dyx, invstd, x)
 
 

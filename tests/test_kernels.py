@@ -51,11 +51,12 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
                           _run_both(layout, "plane_grad_sums", v, g, mask, mean, chunk)])
             _assert_same(_run_both(layout, "plane_grad_input", g, v, mask, scale, shift, mean,
                                    mean, chunk, False, out))
-        _assert_same(_run_both(layout, "plane_train", v, chunk, counts, mean.copy(), rv.copy(),
-                               0.1, w, shift, 1e-5, True, False, out))
-        for training in (True, False):
-            _assert_same(_run_both(layout, "plane_backward", g, v, v, mean, rv, w, training,
-                                   chunk, count, False, out))
+        for by_channel in (False, True):
+            _assert_same(_run_both(layout, "plane_train", v, chunk, counts, mean.copy(),
+                                   rv.copy(), 0.1, w, shift, 1e-5, True, by_channel, False, out))
+            for training in (True, False):
+                _assert_same(_run_both(layout, "plane_backward", g, v, v, mean, rv, w, training,
+                                       chunk, count, by_channel, False, out))
         _assert_same(_run_both(layout, "plane_eval", v, chunk, mean, rv, w, None, 1e-5, False,
                                False, out))
     else:
@@ -80,23 +81,29 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
                                False, out))
 
 
-@pytest.mark.parametrize("shape,axis", [s for s in SHAPES if not _engine.layout_of(*s).planes])
-def test_blocks_of_channels_do_not_change_the_bits(shape, axis):
-    """Rows layout: chunks of rows cut into any number of blocks of channels
-    (tasks for the threads) give the same bits."""
+@pytest.mark.parametrize("shape,axis", SHAPES)
+def test_the_task_split_does_not_change_the_bits(shape, axis):
+    """Planes: a task per chunk of a plane or per channel; rows: chunks of rows
+    cut into any number of blocks of channels. The same bits every way."""
     rng = np.random.default_rng(5)
     x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     layout = _engine.layout_of(shape, axis, 4)
     k, v, g = _engine.kernels(), x.reshape(layout.view), dy.reshape(layout.view)
-    c, rpc, inner = layout.channels, layout.rows_per_chunk, layout.inner
+    c, rpc, inner, count = layout.channels, layout.rows_per_chunk, layout.inner, layout.count
     results = []
-    for blocks in (1, 2, 3, c):
+    for split in (False, True) if layout.planes else (1, 2, 3, c):
         out, dx = np.empty_like(v), np.empty_like(v)
-        stats = k.row_train(v, rpc, c, inner, layout.counts, blocks, None, None, 0.1, None, None,
-                            1e-5, False, False, out)
-        grads = k.row_backward(g, v, None, stats[0], stats[2], None, True, rpc, c, inner, blocks,
-                               float(layout.count), False, dx)
+        if layout.planes:
+            stats = k.plane_train(v, _engine.PLANE_CHUNK, layout.counts, None, None, 0.1, None,
+                                  None, 1e-5, False, split, False, out)
+            grads = k.plane_backward(g, v, None, stats[0], stats[2], None, True,
+                                     _engine.PLANE_CHUNK, float(count), split, False, dx)
+        else:
+            stats = k.row_train(v, rpc, c, inner, layout.counts, split, None, None, 0.1, None,
+                                None, 1e-5, False, False, out)
+            grads = k.row_backward(g, v, None, stats[0], stats[2], None, True, rpc, c, inner,
+                                   split, float(count), False, dx)
         results.append((out, dx) + tuple(stats[:3]) + tuple(grads))
     for other in results[1:]:
         for a, b in zip(results[0], other):
