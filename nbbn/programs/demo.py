@@ -92,22 +92,6 @@ def _warm_up(dtype, hidden):
     return time.perf_counter() - t0
 
 
-def _blas_threads(n):
-    """Limit BLAS (the Linear layers' matmuls) to ``n`` threads while in the block.
-
-    On few cores, a multithreaded BLAS and numba's threads alternating call by call
-    oversubscribe the cores and each spins while the other works: on 2 cores the demo ran
-    ~40x slower with both pools at 2 threads. Its matmuls are tiny, so one BLAS thread is
-    best. threadpoolctl comes with scikit-learn; without it this does nothing.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        import contextlib
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=n, user_api="blas")
-
-
 def run(*, lrs=(0.03, 2.0), steps=500, batch_size=64, hidden=(128, 64), seed=0,
         eval_every=5, log=print):
     """Train the four models (without and with BatchNorm, at each learning rate).
@@ -120,11 +104,6 @@ def run(*, lrs=(0.03, 2.0), steps=500, batch_size=64, hidden=(128, 64), seed=0,
         ``warm_up`` (kernel compile or cache load) and ``train`` seconds.
     """
     data = load_digits_split(seed)
-    with _blas_threads(1):
-        return _run(data, lrs, steps, batch_size, hidden, seed, eval_every, log)
-
-
-def _run(data, lrs, steps, batch_size, hidden, seed, eval_every, log):
     warm = _warm_up(data[0].dtype, hidden)
     log(f"digits: {len(data[1])} train / {len(data[3])} test images; MLP 64-"
         f"{'-'.join(map(str, hidden))}-10, SGD, batch {batch_size}, {steps} steps, seed {seed}")
@@ -274,9 +253,8 @@ def _main_claims(args):
     print(f"claims: {', '.join(names)}; seeds {', '.join(map(str, config.seeds))}"
           f"{' (tiny sizes: a smoke test)' if args.tiny else ''}")
     t0 = time.perf_counter()
-    with _blas_threads(1):
-        warm = _warm_up(np.float32, config.hidden)
-        results = run_claims(names, config)
+    warm = _warm_up(np.float32, config.hidden)
+    results = run_claims(names, config)
     for r in results:
         print()
         print(format_details(r))
