@@ -37,29 +37,24 @@ from .kernel_loops import (_add_columns, _add_grad_columns, _add_squared_deviati
 # --- per channel -------------------------------------------------------------
 
 @njit(cache=True)
-def _merge_channel(counts, means, m2s, c):
-    """(mean, M2) of channel ``c`` from its partial states ``means[p, c]``,
-    ``m2s[p, c]``, merged in order (Chan)."""
-    mean = m2 = n = 0.0
-    for p in range(counts.shape[0]):
+def merge_moments(counts, means, m2s):
+    """Merge partial states ``(counts[p], means[p, :], m2s[p, :])`` in order."""
+    n_parts, channels = means.shape
+    mean = np.zeros(channels)
+    m2 = np.zeros(channels)
+    n = 0.0
+    for p in range(n_parts):
         n_b = counts[p]
         if n_b == 0:
             continue
         total = n + n_b
         w = n_b / total
-        delta = means[p, c] - mean
-        mean += delta * w
-        m2 += m2s[p, c] + delta * delta * (n * w)
+        f = n * w
+        for c in range(channels):
+            delta = means[p, c] - mean[c]
+            mean[c] += delta * w
+            m2[c] += m2s[p, c] + delta * delta * f
         n = total
-    return mean, m2
-
-
-@njit(cache=True)
-def merge_moments(counts, means, m2s):
-    """Merge partial states ``(counts[p], means[p, :], m2s[p, :])`` in order."""
-    mean, m2 = np.empty(means.shape[1]), np.empty(means.shape[1])
-    for c in range(means.shape[1]):
-        mean[c], m2[c] = _merge_channel(counts, means, m2s, c)
     return mean, m2
 
 
@@ -310,14 +305,14 @@ def _plane_channel_train(x, c, chunk, counts, weight, bias, eps, relu, stream, o
         for q in range(k):
             lo, hi = q * chunk, min(q * chunk + chunk, x.shape[2])
             means[n * k + q, 0], m2s[n * k + q, 0] = _span_moments(x[n, c, lo:hi])
-    mean, m2 = _merge_channel(counts, means, m2s, 0)
-    var = m2 / counts.sum()
-    invstd, scale, shift = _coefficient(mean, var, weight, bias, eps, c)
+    mean, m2 = merge_moments(counts, means, m2s)
+    var = m2[0] / counts.sum()
+    invstd, scale, shift = _coefficient(mean[0], var, weight, bias, eps, c)
     for n in range(x.shape[0]):
         for q in range(k):
             lo, hi = q * chunk, min(q * chunk + chunk, x.shape[2])
             _affine_span(x[n, c, lo:hi], scale, shift, relu, None, stream, out[n, c, lo:hi])
-    return mean, var, invstd
+    return mean[0], var, invstd
 
 
 @njit(cache=True)
