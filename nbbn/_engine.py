@@ -46,10 +46,11 @@ def last_level_cache_bytes():
     return max(sizes, default=32 << 20)
 
 
-#: Outputs larger than this (bytes) are written with non-temporal stores:
-#: they would not stay in the caches anyway, and streaming them skips reading
-#: every line before writing it. None: the last-level cache's size. Smaller
-#: outputs are faster through the cache.
+#: Planes outputs larger than this (bytes) are written with non-temporal
+#: stores: they would not stay in the caches anyway, and streaming them skips
+#: reading every line before writing it. None: the last-level cache's size.
+#: Smaller outputs are faster through the cache, and so are rows of any size
+#: (measured: 7-12% slower streamed, with per-column coefficients).
 STREAM_MIN_BYTES = None
 #: Planes layout, training and backward: inputs up to this size (and with two
 #: channels a thread) give each task a whole channel, statistics and output in
@@ -98,7 +99,7 @@ class Layout(NamedTuple):
     rows_per_chunk: int  # rows layout
     blocks: int  # blocks of channels per chunk of rows (rows layout)
     serial: bool  # the kernels run in the calling thread only
-    stream: bool  # outputs are written with non-temporal stores
+    stream: bool  # outputs are written with non-temporal stores (planes)
     by_channel: bool  # planes: one task per channel in training and backward
 
 
@@ -137,7 +138,7 @@ def layout_of(shape, axis, itemsize=4):
     threads = 1 if serial else _max_threads()
     blocks = max(1, min(-(-threads // parts), channels * inner // MIN_BLOCK_WIDTH, channels))
     return Layout(view, False, channels, inner, count, _frozen(sizes), rows_per_chunk, blocks,
-                  serial, stream, False)
+                  serial, False, False)
 
 
 def _max_threads():
@@ -221,7 +222,7 @@ def affine(x, layout, scale, shift, out, *, relu=False, mask=None):
              _stream(layout, out), o)
     else:
         _run(layout, "row_affine", v, scale, shift, layout.channels, layout.inner,
-             bool(relu), m, _stream(layout, out), o)
+             bool(relu), m, o)
     return out
 
 
@@ -243,8 +244,7 @@ def grad_input(dy, x, layout, a, b, c, mean, out, *, mask=None):
         _run(layout, "plane_grad_input", g, v, m, a, b, c, mean, PLANE_CHUNK,
              _stream(layout, out), o)
     else:
-        _run(layout, "row_grad_input", g, v, m, a, b, c, mean, layout.channels, layout.inner,
-             _stream(layout, out), o)
+        _run(layout, "row_grad_input", g, v, m, a, b, c, mean, layout.channels, layout.inner, o)
     return out
 
 
@@ -261,7 +261,7 @@ def train(x, layout, running_mean, running_var, factor, weight, bias, eps, relu,
                     _stream(layout, out), o)
     return _run(layout, "row_train", v, layout.rows_per_chunk, layout.channels, layout.inner,
                 layout.counts, layout.blocks, running_mean, running_var, factor, weight, bias,
-                eps, relu, _stream(layout, out), o)
+                eps, relu, o)
 
 
 def evaluate(x, layout, mean, var, weight, bias, eps, relu, out):
@@ -271,7 +271,7 @@ def evaluate(x, layout, mean, var, weight, bias, eps, relu, out):
         return _run(layout, "plane_eval", v, PLANE_CHUNK, mean, var, weight, bias, eps, relu,
                     _stream(layout, out), o)
     return _run(layout, "row_eval", v, layout.channels, layout.inner, mean, var, weight, bias,
-                eps, relu, _stream(layout, out), o)
+                eps, relu, o)
 
 
 def backward(dy, x, layout, mask, mean, invstd, weight, training, out):
@@ -285,4 +285,4 @@ def backward(dy, x, layout, mask, mean, invstd, weight, training, out):
                     PLANE_CHUNK, float(layout.count), layout.by_channel, _stream(layout, out), o)
     return _run(layout, "row_backward", g, v, m, mean, invstd, weight, training,
                 layout.rows_per_chunk, layout.channels, layout.inner, layout.blocks,
-                float(layout.count), _stream(layout, out), o)
+                float(layout.count), o)

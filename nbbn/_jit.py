@@ -62,11 +62,11 @@ def at(a, i):
 
 
 def head(a, n):
-    """``a[:n]`` of an array; None or a scalar as it is (inside jitted code)."""
+    """``a[:n]``, or None for None (inside jitted code)."""
 
 
 def tail(a, lo):
-    """``a[lo:]`` of an array; None or a scalar as it is (inside jitted code)."""
+    """``a[lo:]``, or None for None (inside jitted code)."""
 
 
 @overload(span)
@@ -121,12 +121,9 @@ def _vector_type(context, arrty):
     return ir.VectorType(elt, STREAM_BYTES // context.get_abi_sizeof(elt))
 
 
-def _load(context, builder, arrty, arr, i, as_double, count=None):
-    """The vector at ``arr[i:]`` (unaligned; ``count`` lanes, default one
-    ``STREAM_BYTES`` vector), widened to float64 if asked."""
+def _load(context, builder, arrty, arr, i, as_double):
+    """The vector at ``arr[i:]`` (unaligned), widened to float64 if asked."""
     vt = _vector_type(context, arrty)
-    if count is not None:
-        vt = ir.VectorType(vt.element, count)
     data = context.make_array(arrty)(context, builder, arr).data
     v = builder.load(builder.bitcast(builder.gep(data, [i]), vt.as_pointer()),
                      align=context.get_abi_sizeof(vt.element))
@@ -152,44 +149,28 @@ def _stream_store(context, builder, arrty, arr, i, v):
     store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
 
 
-def _operand(context, builder, ty, value, i, count):
-    """A float64 vector of ``count`` lanes: ``value[i:i+count]`` of an array
-    (widened to float64), or a scalar splatted."""
-    if isinstance(ty, types.Array):
-        return _load(context, builder, ty, value, i, True, count)
-    return _splat(builder, value, count)
-
-
-def _coefficient_types(*args):
-    return [a if isinstance(a, types.Array) else types.float64 for a in args]
-
-
 @intrinsic
 def stream_axpb(typingctx, x, i, a, b, relu, out):
     """``out[i:i+w] = x[i:i+w] * a + b`` (then ``0.0 if v < 0.0 else v`` if
-    ``relu``), ``w = STREAM_BYTES / itemsize``, stored non-temporally. ``a`` and
-    ``b`` are scalars, or float64 arrays read at ``[i:i+w]`` (per column)."""
+    ``relu``), ``w = STREAM_BYTES / itemsize``, stored non-temporally."""
     def codegen(context, builder, sig, args):
         xv, iv, av, bv, rv, ov = args
         w = _vector_type(context, sig.args[0]).count
-        v = builder.fmul(_load(context, builder, sig.args[0], xv, iv, True),
-                         _operand(context, builder, sig.args[2], av, iv, w))
-        v = builder.fadd(v, _operand(context, builder, sig.args[3], bv, iv, w))
+        v = builder.fmul(_load(context, builder, sig.args[0], xv, iv, True), _splat(builder, av, w))
+        v = builder.fadd(v, _splat(builder, bv, w))
         zero = ir.Constant(v.type, None)
         negative = builder.and_(builder.fcmp_ordered("<", v, zero),
                                 _splat(builder, builder.trunc(rv, ir.IntType(1))
                                        if rv.type != ir.IntType(1) else rv, w))
         _stream_store(context, builder, sig.args[5], ov, iv, builder.select(negative, zero, v))
         return context.get_dummy_value()
-    a, b = _coefficient_types(a, b)
-    return types.void(x, types.intp, a, b, types.boolean, out), codegen
+    return types.void(x, types.intp, types.float64, types.float64, types.boolean, out), codegen
 
 
 @intrinsic
 def stream_grad_input(typingctx, dy, x, mask, i, a, b, c, mean, out):
     """``out[i:i+w] = g * a + (x - mean) * b + c`` stored non-temporally, with
-    ``g = dy``, or ``g = dy + 0.0 if mask > 0 else 0.0`` unless ``mask`` is None;
-    ``a``, ``b``, ``c``, ``mean`` scalars or float64 arrays (per column)."""
+    ``g = dy``, or ``g = dy + 0.0 if mask > 0 else 0.0`` unless ``mask`` is None."""
     masked = not isinstance(mask, types.NoneType)
 
     def codegen(context, builder, sig, args):
@@ -200,14 +181,15 @@ def stream_grad_input(typingctx, dy, x, mask, i, a, b, c, mean, out):
         if masked:
             m = _load(context, builder, sig.args[2], mv, iv, True)
             g = builder.select(builder.fcmp_ordered(">", m, zero), builder.fadd(g, zero), zero)
-        coefficient = [_operand(context, builder, sig.args[k], arg, iv, w)
-                       for k, arg in ((4, av), (5, bv), (6, cv), (7, meanv))]
-        t = builder.fsub(_load(context, builder, sig.args[1], xv, iv, True), coefficient[3])
-        v = builder.fadd(builder.fmul(g, coefficient[0]), builder.fmul(t, coefficient[1]))
-        v = builder.fadd(v, coefficient[2])
+        t = builder.fsub(_load(context, builder, sig.args[1], xv, iv, True),
+                         _splat(builder, meanv, w))
+        v = builder.fadd(builder.fmul(g, _splat(builder, av, w)),
+                         builder.fmul(t, _splat(builder, bv, w)))
+        v = builder.fadd(v, _splat(builder, cv, w))
         _stream_store(context, builder, sig.args[8], ov, iv, v)
         return context.get_dummy_value()
-    return types.void(dy, x, mask, types.intp, *_coefficient_types(a, b, c, mean), out), codegen
+    f8 = types.float64
+    return types.void(dy, x, mask, types.intp, f8, f8, f8, f8, out), codegen
 
 
 @intrinsic

@@ -10,7 +10,7 @@ block states (count, mean, M2) are merged with Chan's formula; all
 accumulation is in float64. ``relu`` variants compute ``max(v, 0)`` in the
 same pass (NaN propagates); ``mask`` variants read a saved ReLU output and
 treat the gradient as 0 where ``mask > 0`` is false, as the ReLU backward does.
-Loops that write stream their stores past the caches when asked (``stream``).
+Span loops that write stream their stores past the caches when asked (``stream``).
 """
 import numpy as np
 from numba import njit
@@ -88,7 +88,8 @@ def _grad_dot(x, dy, mask, mean):
 # No fastmath below: a fused multiply-add would turn x*a - mean*a into a
 # rounding residual instead of the exact zero of a constant channel. The
 # coefficients ``a, b, c, mean`` are scalars (a span of one channel) or
-# float64 arrays indexed like the span (a row of the rows layout), see ``at``.
+# float64 arrays indexed like the span (a row of the rows layout), see ``at``;
+# only spans stream their stores (measured: rows are faster without).
 
 @njit(cache=True)
 def _axpb(x, a, b, relu, out):
@@ -112,21 +113,29 @@ def _stream_parts(out):
 
 
 @njit(cache=True)
-def _affine_span(x, a, b, relu, mask, stream, out):
+def _affine_plain(x, a, b, relu, mask, out):
     """``out = x * a + b`` (ReLU'd if ``relu``; 0 where ``mask > 0`` is false
-    unless ``mask`` is None), non-temporal stores if ``stream``."""
+    unless ``mask`` is None)."""
     if mask is not None:
         for i in range(x.shape[0]):
             out[i] = x[i] * at(a, i) + at(b, i) if mask[i] > 0 else 0.0
-    elif stream:
-        start, body = _stream_parts(out)
-        _axpb(x[:start], a, b, relu, out[:start])
-        for i in range(start, body, STREAM_BYTES // out.itemsize):
-            stream_axpb(x, i, a, b, relu, out)
-        _axpb(x[body:], tail(a, body), tail(b, body), relu, out[body:])
-        store_fence()
     else:
         _axpb(x, a, b, relu, out)
+
+
+@njit(cache=True)
+def _affine_span(x, a, b, relu, mask, stream, out):
+    """:func:`_affine_plain` with scalar coefficients, with non-temporal stores
+    if ``stream`` (and no ``mask``)."""
+    if mask is not None or not stream:
+        _affine_plain(x, a, b, relu, mask, out)
+        return
+    start, body = _stream_parts(out)
+    _axpb(x[:start], a, b, relu, out[:start])
+    for i in range(start, body, STREAM_BYTES // out.itemsize):
+        stream_axpb(x, i, a, b, relu, out)
+    _axpb(x[body:], a, b, relu, out[body:])
+    store_fence()
 
 
 @njit(cache=True)
@@ -143,7 +152,7 @@ def _grad_input_plain(dy, x, mask, a, b, c, mean, out):
 @njit(cache=True)
 def _grad_input_span(dy, x, mask, a, b, c, mean, stream, out):
     """``out = g * a + (x - mean) * b + c``, ``g`` being ``dy``, or 0 where
-    ``mask > 0`` is false; non-temporal stores if ``stream``."""
+    ``mask > 0`` is false; scalar coefficients; non-temporal stores if ``stream``."""
     if not stream:
         _grad_input_plain(dy, x, mask, a, b, c, mean, out)
         return
@@ -151,8 +160,7 @@ def _grad_input_span(dy, x, mask, a, b, c, mean, stream, out):
     _grad_input_plain(dy[:start], x[:start], head(mask, start), a, b, c, mean, out[:start])
     for i in range(start, body, STREAM_BYTES // out.itemsize):
         stream_grad_input(dy, x, mask, i, a, b, c, mean, out)
-    _grad_input_plain(dy[body:], x[body:], tail(mask, body), tail(a, body), tail(b, body),
-                      tail(c, body), tail(mean, body), out[body:])
+    _grad_input_plain(dy[body:], x[body:], tail(mask, body), a, b, c, mean, out[body:])
     store_fence()
 
 

@@ -30,8 +30,8 @@ from numba import njit, prange
 
 from ._jit import row, serial_twin, span
 from .kernel_loops import (_add_columns, _add_grad_columns, _add_squared_deviations,
-                           _affine_span, _expand, _fold_columns, _grad_dot, _grad_input_span,
-                           _span_moments)
+                           _affine_plain, _affine_span, _expand, _fold_columns, _grad_dot,
+                           _grad_input_plain, _grad_input_span, _span_moments)
 
 
 # --- per channel -------------------------------------------------------------
@@ -247,11 +247,11 @@ def _plane_affine_pass(x, scale, shift, chunk, relu, mask, stream, out):
 
 
 @njit(inline="always")
-def _row_affine_pass(x, scale, shift, channels, inner, relu, mask, stream, out):
+def _row_affine_pass(x, scale, shift, channels, inner, relu, mask, out):
     w = x.shape[1]
     a, b = _expand(scale, channels, inner, w), _expand(shift, channels, inner, w)
     for r in prange(x.shape[0]):
-        _affine_span(x[r], a, b, relu, row(mask, r, 0, w), stream, out[r])
+        _affine_plain(x[r], a, b, relu, row(mask, r, 0, w), out[r])
 
 
 @njit(inline="always")
@@ -287,12 +287,12 @@ def _plane_grad_input_pass(dy, x, mask, a, b, c, mean, chunk, stream, out):
 
 
 @njit(inline="always")
-def _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, stream, out):
+def _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, out):
     w = x.shape[1]
     ea, eb = _expand(a, channels, inner, w), _expand(b, channels, inner, w)
     ec, em = _expand(c, channels, inner, w), _expand(mean, channels, inner, w)
     for r in prange(x.shape[0]):
-        _grad_input_span(dy[r], x[r], row(mask, r, 0, w), ea, eb, ec, em, stream, out[r])
+        _grad_input_plain(dy[r], x[r], row(mask, r, 0, w), ea, eb, ec, em, out[r])
 
 
 @njit(cache=True)
@@ -368,9 +368,9 @@ def plane_affine(x, scale, shift, chunk, relu, mask, stream, out):
 
 
 @njit(parallel=True, cache=True)
-def row_affine(x, scale, shift, channels, inner, relu, mask, stream, out):
+def row_affine(x, scale, shift, channels, inner, relu, mask, out):
     """:func:`plane_affine` for ``x`` (R, W), coefficients (C,)."""
-    _row_affine_pass(x, scale, shift, channels, inner, relu, mask, stream, out)
+    _row_affine_pass(x, scale, shift, channels, inner, relu, mask, out)
 
 
 @njit(parallel=True, cache=True)
@@ -394,9 +394,9 @@ def plane_grad_input(dy, x, mask, a, b, c, mean, chunk, stream, out):
 
 
 @njit(parallel=True, cache=True)
-def row_grad_input(dy, x, mask, a, b, c, mean, channels, inner, stream, out):
+def row_grad_input(dy, x, mask, a, b, c, mean, channels, inner, out):
     """:func:`plane_grad_input` for (R, W) arrays, coefficients (C,)."""
-    _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, stream, out)
+    _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, out)
 
 
 # --- kernels: a whole forward or backward ------------------------------------
@@ -425,12 +425,12 @@ def plane_train(x, chunk, counts, running_mean, running_var, factor, weight, bia
 
 @njit(parallel=True, cache=True)
 def row_train(x, rows_per_chunk, channels, inner, counts, blocks, running_mean, running_var,
-              factor, weight, bias, eps, relu, stream, out):
+              factor, weight, bias, eps, relu, out):
     """:func:`plane_train` for ``x`` (R, W)."""
     means, m2s = _row_moments_pass(x, rows_per_chunk, channels, inner, counts.shape[0], blocks)
     mean, var = _mean_var(counts, means, m2s)
     invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
-    _row_affine_pass(x, scale, shift, channels, inner, relu, None, stream, out)
+    _row_affine_pass(x, scale, shift, channels, inner, relu, None, out)
     updated = _track(running_mean, running_var, mean, var, counts.sum(), factor)
     return mean, var, invstd, updated
 
@@ -444,10 +444,10 @@ def plane_eval(x, chunk, mean, var, weight, bias, eps, relu, stream, out):
 
 
 @njit(parallel=True, cache=True)
-def row_eval(x, channels, inner, mean, var, weight, bias, eps, relu, stream, out):
+def row_eval(x, channels, inner, mean, var, weight, bias, eps, relu, out):
     """:func:`plane_eval` for ``x`` (R, W)."""
     invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
-    _row_affine_pass(x, scale, shift, channels, inner, relu, None, stream, out)
+    _row_affine_pass(x, scale, shift, channels, inner, relu, None, out)
     return invstd
 
 
@@ -477,15 +477,15 @@ def plane_backward(dy, x, mask, mean, invstd, weight, training, chunk, count, by
 
 @njit(parallel=True, cache=True)
 def row_backward(dy, x, mask, mean, invstd, weight, training, rows_per_chunk, channels, inner,
-                 blocks, count, stream, out):
+                 blocks, count, out):
     """:func:`plane_backward` for (R, W) arrays."""
     s_dy, s_dyx = _row_grad_sums_pass(x, dy, mask, mean, rows_per_chunk, channels, inner, blocks)
     if training:
         a, b, c = backward_coefficients(s_dy, s_dyx, invstd, weight, count)
-        _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, stream, out)
+        _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, out)
     else:
         scale = _eval_scale(invstd, weight)
-        _row_affine_pass(dy, scale, np.zeros(channels), channels, inner, False, mask, stream, out)
+        _row_affine_pass(dy, scale, np.zeros(channels), channels, inner, False, mask, out)
     return _cast_gradients(s_dy, s_dyx, invstd, x)
 
 

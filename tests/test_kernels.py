@@ -65,20 +65,20 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
                       _run_both(layout, "row_moments", v, rpc, c, inner, counts, blocks)])
         for relu, mask in ((False, None), (True, None), (False, v)):
             _assert_same(_run_both(layout, "row_affine", v, scale, shift, c, inner, relu, mask,
-                                   False, out))
+                                   out))
         for mask in (None, v):
             _assert_same([(r, out) for r, _ in
                           _run_both(layout, "row_grad_sums", v, g, mask, mean, rpc, c, inner,
                                     blocks)])
             _assert_same(_run_both(layout, "row_grad_input", g, v, mask, scale, shift, mean,
-                                   mean, c, inner, False, out))
+                                   mean, c, inner, out))
         _assert_same(_run_both(layout, "row_train", v, rpc, c, inner, counts, blocks,
-                               mean.copy(), rv.copy(), 0.1, w, shift, 1e-5, True, False, out))
+                               mean.copy(), rv.copy(), 0.1, w, shift, 1e-5, True, out))
         for training in (True, False):
             _assert_same(_run_both(layout, "row_backward", g, v, v, mean, rv, w, training, rpc, c,
-                                   inner, blocks, count, False, out))
+                                   inner, blocks, count, out))
         _assert_same(_run_both(layout, "row_eval", v, c, inner, mean, rv, w, None, 1e-5, False,
-                               False, out))
+                               out))
 
 
 @pytest.mark.parametrize("shape,axis", SHAPES)
@@ -101,9 +101,9 @@ def test_the_task_split_does_not_change_the_bits(shape, axis):
                                      _engine.PLANE_CHUNK, float(count), split, False, dx)
         else:
             stats = k.row_train(v, rpc, c, inner, layout.counts, split, None, None, 0.1, None,
-                                None, 1e-5, False, False, out)
+                                None, 1e-5, False, out)
             grads = k.row_backward(g, v, None, stats[0], stats[2], None, True, rpc, c, inner,
-                                   split, float(count), False, dx)
+                                   split, float(count), dx)
         results.append((out, dx) + tuple(stats[:3]) + tuple(grads))
     for other in results[1:]:
         for a, b in zip(results[0], other):
