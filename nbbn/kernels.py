@@ -113,9 +113,14 @@ def backward_coefficients(s_dy, s_dyx, invstd, weight, count):
 
 
 @njit(cache=True)
-def _eval_scale(invstd, weight):
-    """``weight * invstd`` (or ``invstd``): the input gradient's scale in eval."""
-    return invstd.copy() if weight is None else weight * invstd
+def _input_gradient(s_dy, s_dyx, invstd, weight, count, training):
+    """``(a, b, c)`` of the input gradient: ``dy * a + (x - mean) * b + c``
+    through batch statistics (``training``); else ``dy * a + b`` with ``a =
+    weight * invstd`` (or ``invstd``) and ``b`` zeros (fixed statistics)."""
+    if training:
+        return backward_coefficients(s_dy, s_dyx, invstd, weight, count)
+    a = invstd.copy() if weight is None else weight * invstd
+    return a, np.zeros(a.shape[0]), np.zeros(a.shape[0])
 
 
 @njit(cache=True)
@@ -466,12 +471,11 @@ def plane_backward(dy, x, mask, mean, invstd, weight, training, chunk, count, by
                 dy, x, mask, mean[c], invstd[c], weight, count, training, c, chunk, stream, out)
     else:
         s_dy, s_dyx = _plane_grad_sums_pass(x, dy, mask, mean, chunk)
+        a, b, c = _input_gradient(s_dy, s_dyx, invstd, weight, count, training)
         if training:
-            a, b, c = backward_coefficients(s_dy, s_dyx, invstd, weight, count)
             _plane_grad_input_pass(dy, x, mask, a, b, c, mean, chunk, stream, out)
         else:
-            scale = _eval_scale(invstd, weight)
-            _plane_affine_pass(dy, scale, np.zeros(channels), chunk, False, mask, stream, out)
+            _plane_affine_pass(dy, a, b, chunk, False, mask, stream, out)
     return _cast_gradients(s_dy, s_dyx, invstd, x)
 
 
@@ -480,12 +484,11 @@ def row_backward(dy, x, mask, mean, invstd, weight, training, rows_per_chunk, ch
                  blocks, count, out):
     """:func:`plane_backward` for (R, W) arrays."""
     s_dy, s_dyx = _row_grad_sums_pass(x, dy, mask, mean, rows_per_chunk, channels, inner, blocks)
+    a, b, c = _input_gradient(s_dy, s_dyx, invstd, weight, count, training)
     if training:
-        a, b, c = backward_coefficients(s_dy, s_dyx, invstd, weight, count)
         _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, out)
     else:
-        scale = _eval_scale(invstd, weight)
-        _row_affine_pass(dy, scale, np.zeros(channels), channels, inner, False, mask, out)
+        _row_affine_pass(dy, a, b, channels, inner, False, mask, out)
     return _cast_gradients(s_dy, s_dyx, invstd, x)
 
 

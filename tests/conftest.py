@@ -55,3 +55,31 @@ def assert_unchanged(layer, before):
             assert vars(after[k]) == vars(v), k
         elif k != "_saved":
             assert after[k] == v, k
+
+
+def assert_network_matches_torch(net, model, x, labels, parameters, norms):
+    """One training step of a NumPy network of ``nbbn.programs`` (``net``)
+    against a float64 torch ``model`` holding the same weights: logits, loss,
+    the gradients of ``parameters`` (torch's, in ``net.parameters()`` order),
+    the running statistics of ``norms`` (torch's, in ``net.norms`` order), then
+    the evaluation-mode output."""
+    import torch
+
+    from nbbn.programs.mlp import cross_entropy
+    xt = torch.from_numpy(x)
+    logits_t = model(xt)
+    loss_t = torch.nn.functional.cross_entropy(logits_t, torch.from_numpy(labels))
+    loss_t.backward()
+    logits = net.forward(x)
+    loss, dlogits = cross_entropy(logits, labels)
+    net.backward(dlogits)
+    np.testing.assert_allclose(logits, logits_t.detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert loss == pytest.approx(loss_t.item(), rel=1e-12)
+    for g, p in zip(net.gradients(), parameters, strict=True):
+        np.testing.assert_allclose(g, p.grad.numpy(), rtol=1e-9, atol=1e-12)
+    for bn, tbn in zip(net.norms, norms, strict=True):
+        np.testing.assert_allclose(bn.running_mean, tbn.running_mean.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(bn.running_var, tbn.running_var.numpy(), rtol=1e-10)
+    net.eval(), model.eval()
+    np.testing.assert_allclose(net.forward(x), model(xt).detach().numpy(), rtol=1e-10,
+                               atol=1e-12)

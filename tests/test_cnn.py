@@ -3,6 +3,7 @@ and against torch's autograd, and its layers against torch's."""
 import numpy as np
 import pytest
 
+from conftest import assert_network_matches_torch
 from naive import numeric_gradient
 from nbbn.programs.cnn import CNN, AvgPool2d, Conv2d
 from nbbn.programs.mlp import cross_entropy
@@ -86,27 +87,10 @@ def test_matches_torch_forward_and_autograd():
         model[4].weight.copy_(torch.from_numpy(convs[1].weight))
         model[9].weight.copy_(torch.from_numpy(linear.weight))
         model[9].bias.copy_(torch.from_numpy(linear.bias))
-    xt = torch.from_numpy(x)
-    logits_t = model(xt)
-    loss_t = nn.functional.cross_entropy(logits_t, torch.from_numpy(labels))
-    loss_t.backward()
-
-    logits = net.forward(x)
-    loss, dlogits = cross_entropy(logits, labels)
-    net.backward(dlogits)
-    np.testing.assert_allclose(logits, logits_t.detach().numpy(), rtol=1e-10, atol=1e-12)
-    assert loss == pytest.approx(loss_t.item(), rel=1e-12)
-    torch_grads = [model[0].weight.grad, model[1].weight.grad, model[1].bias.grad,
-                   model[4].weight.grad, model[5].weight.grad, model[5].bias.grad,
-                   model[9].weight.grad, model[9].bias.grad]
-    for g, gt in zip(net.gradients(), torch_grads):
-        np.testing.assert_allclose(g, gt.numpy(), rtol=1e-9, atol=1e-12)
-    for bn, tbn in zip(net.norms, [model[1], model[5]]):
-        np.testing.assert_allclose(bn.running_mean, tbn.running_mean.numpy(), rtol=1e-10)
-        np.testing.assert_allclose(bn.running_var, tbn.running_var.numpy(), rtol=1e-10)
-    net.eval(), model.eval()
-    np.testing.assert_allclose(net.forward(x), model(xt).detach().numpy(), rtol=1e-10,
-                               atol=1e-12)
+    assert_network_matches_torch(
+        net, model, x, labels,
+        [model[0].weight, model[1].weight, model[1].bias, model[4].weight, model[5].weight,
+         model[5].bias, model[9].weight, model[9].bias], [model[1], model[5]])
 
 
 def test_same_seed_same_weights_and_float32():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import nbbn
+from conftest import assert_network_matches_torch
 from naive import numeric_gradient
 from nbbn.programs.mlp import MLP, Linear, accuracy, cross_entropy
 
@@ -85,27 +86,10 @@ def test_matches_torch_forward_and_autograd():
         for tl, nl in zip([model[0], model[3], model[6]], linears):
             tl.weight.copy_(torch.from_numpy(nl.weight))
         model[6].bias.copy_(torch.from_numpy(linears[2].bias))
-    xt = torch.from_numpy(x)
-    logits_t = model(xt)
-    loss_t = torch.nn.functional.cross_entropy(logits_t, torch.from_numpy(labels))
-    loss_t.backward()
-
-    logits = net.forward(x)
-    loss, dlogits = cross_entropy(logits, labels)
-    net.backward(dlogits)
-    np.testing.assert_allclose(logits, logits_t.detach().numpy(), rtol=1e-10, atol=1e-12)
-    assert loss == pytest.approx(loss_t.item(), rel=1e-12)
-    torch_grads = [model[0].weight.grad, model[1].weight.grad, model[1].bias.grad,
-                   model[3].weight.grad, model[4].weight.grad, model[4].bias.grad,
-                   model[6].weight.grad, model[6].bias.grad]
-    for g, gt in zip(net.gradients(), torch_grads):
-        np.testing.assert_allclose(g, gt.numpy(), rtol=1e-9, atol=1e-12)
-    for bn, tbn in zip(net.norms, [model[1], model[4]]):
-        np.testing.assert_allclose(bn.running_mean, tbn.running_mean.numpy(), rtol=1e-10)
-        np.testing.assert_allclose(bn.running_var, tbn.running_var.numpy(), rtol=1e-10)
-    net.eval(), model.eval()
-    np.testing.assert_allclose(net.forward(x), model(xt).detach().numpy(), rtol=1e-10,
-                               atol=1e-12)
+    assert_network_matches_torch(
+        net, model, x, labels,
+        [model[0].weight, model[1].weight, model[1].bias, model[3].weight, model[4].weight,
+         model[4].bias, model[6].weight, model[6].bias], [model[1], model[4]])
 
 
 def test_cross_entropy_and_accuracy_against_float64_reference():

@@ -1,5 +1,4 @@
 """Bad input: a clear error, and nothing changed."""
-import warnings
 
 import numpy as np
 import pytest

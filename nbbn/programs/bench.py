@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from .bench_engines import DEFAULT_ENGINES, ENGINES, OPERATIONS, TRAFFIC, make_inputs
-from .pipeline import BATCHES, STEPS, make_step, threading_report
+from .pipeline import BATCHES, STEPS
 
 __all__ = ["DEFAULT_CASES", "BandwidthProbe", "measure_bandwidth", "calibrate", "sample",
            "time_call", "run", "run_pipeline", "format_table", "first_call_seconds", "startup_times", "plot",
