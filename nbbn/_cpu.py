@@ -68,10 +68,6 @@ class CPU:
     host = staticmethod(lambda a: np.array(a))
 
     @staticmethod
-    def cast(v, dtype):
-        return v.astype(dtype)
-
-    @staticmethod
     def full(channels, value, dtype):
         return np.full(channels, value, dtype)
 

@@ -340,7 +340,6 @@ class GPU:
     shares_memory = staticmethod(shares_memory)
     put = staticmethod(to_device)
     host = staticmethod(to_host)
-    cast = staticmethod(astype)
 
     @staticmethod
     def full(channels, value, dtype):
