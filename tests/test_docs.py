@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "mkdocs.yml"
 KATEX = ROOT / "docs" / "assets" / "katex"
+FONTS = ROOT / "docs" / "assets" / "fonts"
 
 
 def missing_docs_tools():
@@ -210,8 +211,10 @@ def test_mkdocs_build_strict(site):
     assert not list(site.rglob("*.py")) and not list(site.rglob("__pycache__"))
     assert not (site / "assets" / "katex" / "README.txt").exists()
     assert not (site / "assets" / "katex" / "SHA256SUMS").exists()
+    assert not (site / "assets" / "fonts" / "README.txt").exists()
+    assert not (site / "assets" / "fonts" / "SHA256SUMS").exists()
     for asset in ("katex/katex.min.js", "katex/katex.min.css", "katex/LICENSE", "math.js",
-                  "extra.css"):
+                  "extra.css", "fonts/roboto/wght.css", "fonts/roboto-mono/LICENSE"):
         assert (site / "assets" / asset).is_file(), asset
 
 
@@ -241,21 +244,48 @@ def test_site_loads_nothing_from_the_network(site):
         assert not re.search(r"url\(\s*['\"]?(?:https?:)?//|@import", css.read_text("utf-8")), css
 
 
+def _checked_sums(folder):
+    """The files SHA256SUMS lists in ``folder``, each checked against its digest."""
+    listed = {}
+    for line in filter(None, (folder / "SHA256SUMS").read_text().split("\n")):
+        digest, name = line.split(maxsplit=1)
+        listed[name.lstrip("*")] = digest
+    for name, digest in listed.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    return set(listed)
+
+
 def test_vendored_katex_is_intact():
     """docs/assets/katex/ is KaTeX as published (SHA256SUMS, see README.txt there), and every
     font its stylesheet asks for first (woff2) is there."""
-    sums = (KATEX / "SHA256SUMS").read_text().split("\n")
-    listed = {}
-    for line in filter(None, sums):
-        digest, name = line.split(maxsplit=1)
-        listed[name.lstrip("*")] = digest
-    assert {"katex.min.js", "katex.min.css", "LICENSE"} <= set(listed)
-    for name, digest in listed.items():
-        assert hashlib.sha256((KATEX / name).read_bytes()).hexdigest() == digest, name
+    listed = _checked_sums(KATEX)
+    assert {"katex.min.js", "katex.min.css", "LICENSE"} <= listed
     css = (KATEX / "katex.min.css").read_text()
     woff2 = set(re.findall(r"url\((fonts/[^)]+\.woff2)\)", css))
     assert woff2 and woff2 == {f"fonts/{p.name}" for p in (KATEX / "fonts").iterdir()}
-    assert woff2 <= set(listed)
+    assert woff2 <= listed
+
+
+def test_vendored_fonts_are_intact_and_used():
+    """docs/assets/fonts/ is Roboto and Roboto Mono as published (SHA256SUMS, see README.txt
+    there): every file their stylesheets name is there and nothing else; mkdocs.yml loads the
+    stylesheets and extra.css makes the families the site's text and code fonts."""
+    listed = _checked_sums(FONTS)
+    config = (ROOT / "mkdocs.yml").read_text()
+    extra = (ROOT / "docs" / "assets" / "extra.css").read_text()
+    for family, folder in (("Roboto Variable", "roboto"), ("Roboto Mono Variable", "roboto-mono")):
+        named = set()
+        for sheet in ("wght.css", "wght-italic.css"):
+            assert f"- assets/fonts/{folder}/{sheet}" in config, sheet
+            css = (FONTS / folder / sheet).read_text()
+            assert set(re.findall(r"font-family: '([^']+)'", css)) == {family}
+            named |= {f"{folder}/{url[2:]}" for url in re.findall(r"url\((\./files/[^)]+)\)", css)}
+        shipped = {f"{folder}/files/{p.name}" for p in (FONTS / folder / "files").iterdir()}
+        assert named and named == shipped, folder
+        assert shipped | {f"{folder}/LICENSE", f"{folder}/wght.css", f"{folder}/wght-italic.css"} \
+            <= listed
+    assert re.search(r'--md-text-font: "Roboto Variable"', extra)
+    assert re.search(r'--md-code-font: "Roboto Mono Variable"', extra)
 
 
 def test_api_page_lists_every_public_name():

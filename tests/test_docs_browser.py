@@ -36,6 +36,10 @@ def _find_chromium():
 
 CHROMIUM = _find_chromium()
 DESKTOP = (1280, 900)
+#: The families of the fonts the site ships (docs/assets/fonts/, docs/assets/katex/fonts/):
+#: every glyph on every page must come from one of them, so that the pages are laid out
+#: alike on every machine, whatever fonts it has.
+SHIPPED_FONTS = ("Roboto", "Roboto Mono", "KaTeX_")
 NARROW = (420, 800)
 
 pytestmark = [
@@ -80,7 +84,7 @@ class Browser:
                           if t["type"] == "page")
             self.session = self.call("Target.attachToTarget", targetId=target["targetId"],
                                      flatten=True)["sessionId"]
-            for domain in ("Page", "Runtime", "Network", "Log"):
+            for domain in ("Page", "Runtime", "Network", "Log", "DOM", "CSS"):
                 self.tab(f"{domain}.enable")
         except BaseException:
             self.close()
@@ -159,6 +163,30 @@ class Browser:
     def resize(self, size):
         self.tab("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1],
                  deviceScaleFactor=1, mobile=False)
+
+    def platform_fonts(self):
+        """``{font: text}``: every font Chromium drew text of the page with (the family
+        name in the font file, and whether the page supplied it as a web font), each with
+        a sample of the text drawn in it."""
+        root = self.tab("DOM.getDocument", depth=-1)["root"]
+        elements, stack = [], [root]
+        while stack:
+            node = stack.pop()
+            attributes = node.get("attributes", [])
+            classes = dict(zip(attributes[::2], attributes[1::2])).get("class", "").split()
+            if node["nodeName"] in ("SCRIPT", "STYLE") or "katex-mathml" in classes:
+                continue  # not drawn (KaTeX's MathML copy is for screen readers)
+            children = node.get("children", [])
+            text = " ".join(c["nodeValue"].strip() for c in children
+                            if c["nodeType"] == 3 and c["nodeValue"].strip())
+            if node["nodeType"] == 1 and text:
+                elements.append((node["nodeId"], text))
+            stack.extend(children)
+        used = {}
+        for node_id, text in elements:
+            for font in self.tab("CSS.getPlatformFontsForNode", nodeId=node_id)["fonts"]:
+                used.setdefault((font["familyName"], font["isCustomFont"]), text[:40])
+        return used
 
     def screenshot(self):
         """The whole page, as PNG bytes."""
@@ -317,6 +345,7 @@ def test_pages_render_in_chromium(served_site, tmp_path):
                 browser.errors.clear()
                 browser.open(url, DESKTOP)
                 seen = browser.evaluate(_RENDERED)
+                fonts = browser.platform_fonts()
                 png = browser.screenshot()
                 name = page.strip("/").replace("/", "-") or "index"
                 (shots / f"{name}.png").write_bytes(png)
@@ -335,6 +364,9 @@ def test_pages_render_in_chromium(served_site, tmp_path):
                     math_pages += 1
                     if not seen["katexFonts"]:
                         found.append("formulas, but no KaTeX font loaded")
+                found += [f"text drawn in {family!r}, a font the site does not ship: {text!r}"
+                          for (family, shipped), text in fonts.items()
+                          if not (shipped and family.startswith(SHIPPED_FONTS))]
                 found += [f"too wide at {DESKTOP[0]} px: {w}" for w in seen["wide"]]
                 if seen["pageWidth"][0] > seen["pageWidth"][1] + 1:
                     found.append(f"the page scrolls sideways at {DESKTOP[0]} px: "
