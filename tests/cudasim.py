@@ -38,6 +38,9 @@ def _gpu_present():
 GPU = _gpu_present()
 #: Mark of the tests that need numba.cuda (a GPU or the simulator in this process).
 here = pytest.mark.skipif(not (SIMULATOR or GPU), reason="runs in test_simulator_run's subprocess")
+#: Mark of a GPU test file's CPU tests: skipped in the simulator's subprocess, which
+#: re-runs the file for its GPU tests after the parent process has run these.
+cpu = pytest.mark.skipif(SIMULATOR and not GPU, reason="ran in the parent process")
 
 
 @pytest.fixture(autouse=True)
@@ -74,25 +77,49 @@ def host(a):
     return a.copy_to_host() if _cuda.is_device_array(a) else a
 
 
+#: Seconds a subprocess of the GPU tests may take before it counts as hung: a guard
+#: against a hang, not a time limit. Unloaded, the simulator runs of a test file take 1-2
+#: minutes; on a machine loaded several times over, or compiling with a cold cache, many
+#: more.
+HANG_SECONDS = 1800
+
+
+def run_bounded(args, env, timeout=HANG_SECONDS):
+    """Run ``args`` from the repository root; ``(returncode, output)``, stdout and stderr
+    merged. On a hang (``timeout``), kill it and fail the test with the output so far,
+    so that the log says where it stopped."""
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"hung: {' '.join(map(str, args))} ran over {timeout} s; its output:\n"
+                    f"{out[-8000:]}")
+    return proc.returncode, out
+
+
 def simulator_run(test_file, min_passed):
     """The ``test_simulator_run`` of ``test_file``: it runs that file in a
     subprocess with ``NUMBA_ENABLE_CUDASIM=1`` and asserts that at least
     ``min_passed`` tests passed there and none failed. It skips where the
-    tests run in the test process itself."""
+    tests run in the test process itself. On a failure, the message holds the
+    subprocess's report: every test's outcome, the failures' tracebacks, and
+    the slowest tests."""
     path = Path(test_file).resolve().relative_to(REPO)
 
     @pytest.mark.skipif(SIMULATOR or GPU, reason="the tests run in this process")
     def test_simulator_run():
         env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                 str(path)], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=900)
-        tail = result.stdout[-6000:] + result.stderr[-2000:]
-        assert result.returncode == 0, tail
-        passed = re.search(r"(\d+) passed", result.stdout)
-        assert passed and int(passed.group(1)) >= min_passed, tail
-        assert " failed" not in result.stdout, tail
-        print(result.stdout.strip().splitlines()[-1])  # shown with -rA: what ran there
+        code, out = run_bounded([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
+                                 "--durations=5", str(path)], env)
+        summary = out.strip().splitlines()[-1] if out.strip() else ""
+        assert code == 0, out[-12000:]
+        passed = re.search(r"(\d+) passed", summary)
+        assert passed and int(passed.group(1)) >= min_passed, out[-12000:]
+        assert " failed" not in summary, out[-12000:]
+        print(summary)  # shown with -rA: what ran there
 
     return test_simulator_run
 

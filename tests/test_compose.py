@@ -35,17 +35,13 @@ import pytest
 
 import nbbn
 from conftest import ATOL, DTYPES, RTOL, assert_unchanged, random_input, snapshot
-from cudasim import (GPU, SIMULATOR, fast_switching, here, host, simulator_run,  # noqa: F401
+from cudasim import (cpu, fast_switching, here, host, simulator_run,  # noqa: F401
                      small_launch)
 from naive import (batch_norm, batch_norm_backward, batch_renorm, batch_renorm_backward,
                    per_channel, reduce_axes)
 from test_mpi import ThreadComm, on_ranks, thread_comms
 
 test_simulator_run = simulator_run(__file__, min_passed=49)
-
-#: Mark of the CPU tests: skipped in the simulator's subprocess, which re-runs this
-#: file for its GPU cases after the parent process has run these.
-cpu = pytest.mark.skipif(SIMULATOR and not GPU, reason="ran in the parent process")
 
 MOMENTUM = 0.3
 RMAX, DMAX = 1.5, 0.5  # small, so that r and d are clipped on the skewed batches

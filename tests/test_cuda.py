@@ -6,7 +6,6 @@ tests/cudasim.py for how a plain ``python -m pytest`` runs them anyway (in a
 subprocess with NUMBA_ENABLE_CUDASIM=1), with small launch constants.
 """
 import os
-import subprocess
 import textwrap
 import sys
 
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 import naive
 import nbbn
 from conftest import ATOL, DTYPES, RTOL, SHAPES, random_input
-from cudasim import (GPU, REPO, SIMULATOR, gpu_backward, gpu_forward, here, host,
+from cudasim import (GPU, SIMULATOR, cpu, gpu_backward, gpu_forward, here, host, run_bounded,
                      simulator_run,
                      fast_switching, small_launch)  # noqa: F401 (autouse fixtures)
 from nbbn.gpu import backend as _cuda
@@ -35,10 +34,11 @@ def assert_close(actual, expected, dtype):
 
 
 def run(code, env):
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    """``(returncode, output)`` of ``python -c code``."""
+    return run_bounded([sys.executable, "-c", code], env)
 
 
+@cpu
 def test_the_cpu_path_never_enters_the_gpu_backend():
     """import nbbn, and every CPU call (layers with all their options, the
     functions), import neither numba.cuda nor nbbn's GPU backend."""
@@ -57,13 +57,14 @@ def test_the_cpu_path_never_enters_the_gpu_backend():
         loaded = [m for m in sys.modules if m.startswith(("numba.cuda", "nbbn.gpu"))]
         assert not loaded, loaded
     """)
-    result = run(code, dict(os.environ))
-    assert result.returncode == 0, result.stderr
+    rc, out = run(code, dict(os.environ))
+    assert rc == 0, out
 
 
+@cpu
 def test_cuda_without_gpu_or_simulator_is_a_runtime_error():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    result = run("import numba.cuda, nbbn, pytest\n"
+    rc, out = run("import numba.cuda, nbbn, pytest\n"
                  "if numba.cuda.is_available(): raise SystemExit(3)\n"
                  "with pytest.raises(RuntimeError, match='NUMBA_ENABLE_CUDASIM'):\n"
                  "    nbbn.BatchNorm(3, device='cuda')\n"
@@ -71,9 +72,9 @@ def test_cuda_without_gpu_or_simulator_is_a_runtime_error():
                  "with pytest.raises(RuntimeError, match='no CUDA GPU'):\n"
                  "    bn.to('cuda')\n"
                  "assert bn.device == 'cpu' and type(bn.gamma).__name__ == 'ndarray'\n", env)
-    if result.returncode == 3:
+    if rc == 3:
         pytest.skip("a GPU is present")
-    assert result.returncode == 0, result.stderr
+    assert rc == 0, out
 
 
 def test_device_names():
@@ -102,9 +103,9 @@ def test_forward_and_backward_match_cpu(rng, shape, axis, dtype, training):
                                              axis=axis)
     assert _cuda.is_device_array(y) and y.shape == shape and y.dtype == dtype
     np.testing.assert_array_equal(x, x0)
-    for gpu, cpu, expected in ((y, y_cpu, ref[0]), (mean, mean_cpu, ref[3]),
-                               (invstd, invstd_cpu, ref[4])):
-        assert_close(gpu, cpu, dtype)
+    for gpu, on_cpu, expected in ((y, y_cpu, ref[0]), (mean, mean_cpu, ref[3]),
+                                  (invstd, invstd_cpu, ref[4])):
+        assert_close(gpu, on_cpu, dtype)
         assert_close(gpu, expected, dtype)
     assert_close(rm, rm_cpu, dtype)
     assert_close(rv, rv_cpu, dtype)
@@ -113,8 +114,9 @@ def test_forward_and_backward_match_cpu(rng, shape, axis, dtype, training):
                                                  axis=axis)
     ref_dx, ref_dw, ref_db = naive.batch_norm_backward(dy, x, ref[3], ref[4], w, training, axis)
     assert dx.dtype == dw.dtype == db.dtype == dtype
-    for gpu, cpu, expected in ((dx, dx_cpu, ref_dx), (dw, dw_cpu, ref_dw), (db, db_cpu, ref_db)):
-        assert_close(gpu, cpu, dtype)
+    for gpu, on_cpu, expected in ((dx, dx_cpu, ref_dx), (dw, dw_cpu, ref_dw),
+                                  (db, db_cpu, ref_db)):
+        assert_close(gpu, on_cpu, dtype)
         np.testing.assert_allclose(host(gpu), expected, rtol=10 * RTOL[dtype],
                                    atol=10 * ATOL[dtype] * np.abs(expected).max())
 
