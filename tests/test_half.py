@@ -1,0 +1,137 @@
+"""The kernels' half-precision conversions (nbbn/_half.py) against NumPy's float16 casts
+and ml_dtypes' bfloat16 casts: widening over every 16-bit pattern; narrowing over every
+float32 within two ulps of each rounding boundary (the midpoints between neighbouring half
+values), a dense sweep of all float32 bit patterns, and float64 values near the boundaries,
+where a double rounding through float32 would go wrong."""
+import numpy as np
+import pytest
+from numba import njit
+
+from nbbn._half import kernel_view, load, store
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+F16, BF16 = np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)
+ALL16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+
+
+@njit
+def _widen(a, out):
+    for i in range(a.shape[0]):
+        out[i] = load(a, i)
+
+
+@njit
+def _narrow(x, out):
+    for i in range(x.shape[0]):
+        store(out, i, x[i])
+
+
+def widen(bits, dtype):
+    out = np.empty(bits.shape[0], np.float32)
+    _widen(kernel_view(bits.view(dtype)), out)
+    return out
+
+
+def narrow(x, dtype):
+    out = np.empty(x.shape[0], dtype)
+    _narrow(x, kernel_view(out))
+    return out
+
+
+def assert_same_bits(actual, expected):
+    """Equal bit patterns, except that any NaN matches any NaN of the same sign."""
+    a, e = actual.view(np.uint16), expected.view(np.uint16)
+    nan = np.isnan(expected.astype(np.float32))
+    assert np.array_equal(np.isnan(actual.astype(np.float32)), nan)
+    assert np.array_equal(a >> 15, e >> 15)
+    bad = np.flatnonzero((a != e) & ~nan)
+    assert bad.size == 0, [(hex(e[i]), hex(a[i])) for i in bad[:5]]
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
+def test_widening_is_exact_for_every_pattern(dtype):
+    expected = ALL16.view(dtype).astype(np.float32)
+    np.testing.assert_array_equal(widen(ALL16, dtype).view(np.uint32),
+                                  expected.view(np.uint32))
+
+
+def _boundaries(dtype):
+    """float32 values at and within two ulps of every rounding boundary of ``dtype``:
+    the midpoints between neighbouring finite values, the largest value and beyond."""
+    with np.errstate(invalid="ignore"):
+        values = ALL16.view(dtype).astype(np.float64)
+    finite = np.sort(np.unique(values[np.isfinite(values)]))
+    mid = ((finite[:-1] + finite[1:]) / 2).astype(np.float32)  # exact: 24 bits suffice
+    top = finite[-1] + (finite[-1] - finite[-2]) / 2  # where rounding reaches inf
+    points = np.concatenate([mid, finite.astype(np.float32), np.float32([top])])
+    bits = points.view(np.uint32).astype(np.int64)
+    near = (bits[:, None] + np.arange(-2, 3)).ravel()
+    near = near[(near >= 0) & (near < 1 << 32)].astype(np.uint32).view(np.float32)
+    special = np.float32([np.inf, -np.inf, np.nan, -np.nan, 3.4e38, -3.4e38, 1e-45, 0, -0.0])
+    return np.concatenate([near, special])
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
+def test_narrowing_float32_rounds_to_nearest_even(dtype):
+    # every boundary, then a dense sweep of the float32 bit patterns (2**20 of them)
+    sweep = (np.arange(1 << 20, dtype=np.uint64) * 4093 + 12345).astype(np.uint32)
+    for x in (_boundaries(dtype), sweep.view(np.float32)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            assert_same_bits(narrow(x, dtype), x.astype(dtype))
+
+
+def _value(bits, dtype):
+    """float64 values of half ``bits``; inf stands at the place the next power of two
+    would have (2**16 for float16, 2**128 for bfloat16), where rounding sends to it."""
+    v = bits.astype(np.uint16).view(dtype).astype(np.float64)
+    limit = 2.0 ** 16 if dtype == F16 else 2.0 ** 128
+    return np.where(np.isinf(v), np.sign(v) * limit, v)
+
+
+def _correctly_rounded(x, dtype):
+    """float64 ``x`` rounded once to ``dtype``, to nearest even: of the neighbours of a
+    first guess, the nearest (the differences are exact, Sterbenz), the even one on a tie."""
+    with np.errstate(over="ignore"):
+        guess = x.astype(np.float32).astype(dtype).view(np.uint16).astype(np.int64)
+    best = guess.copy()
+    sign = np.where(guess & 0x8000, -1, 1)
+    for step in (-1, 1):
+        other = guess + step * sign  # the neighbour in magnitude
+        ok = ((other & 0x7FFF) <= 0x7F80 if dtype == BF16 else (other & 0x7FFF) <= 0x7C00)
+        ok &= (other & 0x7FFF) >= 0  # not across zero
+        cand = _value(np.where(ok, other, guess), dtype)
+        cur = _value(best, dtype)
+        with np.errstate(invalid="ignore"):
+            d_new, d_cur = np.abs(cand - x), np.abs(cur - x)
+        take = ok & ((d_new < d_cur) | ((d_new == d_cur) & ((other & 1) == 0)))
+        best = np.where(take, other, best)
+    return best.astype(np.uint16).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
+def test_narrowing_float64_rounds_once(dtype):
+    rng = np.random.default_rng(5)
+    mid = _boundaries(dtype).astype(np.float64)
+    mid = mid[np.isfinite(mid)]
+    # just off each boundary by less than a float32 ulp: a rounding through float32 first
+    # lands on the boundary and then rounds the tie to even, which may be the wrong side
+    ulp32 = np.abs(mid) * 2.0 ** -30 + 1e-300
+    wide = np.concatenate([mid - ulp32, mid + ulp32, mid,
+                           rng.standard_normal(1 << 16) * 10.0 ** rng.uniform(-10, 6, 1 << 16)])
+    expected = _correctly_rounded(wide, dtype)
+    assert_same_bits(narrow(wide, dtype), expected)
+    if dtype == F16:  # NumPy casts float64 to float16 directly, correctly rounded
+        with np.errstate(over="ignore"):
+            assert_same_bits(narrow(wide, dtype), wide.astype(F16))
+    # and the double rounding the round-to-odd step avoids does happen for these inputs
+    with np.errstate(over="ignore"):
+        twice = wide.astype(np.float32).astype(dtype)
+    assert (twice.view(np.uint16) != expected.view(np.uint16)).any()
+
+
+def test_float_arrays_pass_through():
+    x = np.array([1.5, -2.25, np.nan], np.float64)
+    out = np.empty(3, np.float32)
+    _narrow(x, out)
+    np.testing.assert_array_equal(out, x.astype(np.float32))
+    assert kernel_view(out) is out
