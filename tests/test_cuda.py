@@ -6,8 +6,9 @@ tests/cudasim.py for how a plain ``python -m pytest`` runs them anyway (in a
 subprocess with NUMBA_ENABLE_CUDASIM=1), with small launch constants.
 """
 import os
-import textwrap
 import sys
+import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -201,14 +202,85 @@ def test_non_finite_batch_skips_the_running_update(rng):
     x = random_input(rng, (4, 3, 5), np.float32)
     x[1, 2, 3] = np.nan
     gpu, cpu = nbbn.BatchNorm(3, device="cuda"), nbbn.BatchNorm(3)
-    with pytest.warns(RuntimeWarning, match="not finite"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the forward does not read the device back
         y = host(gpu(x))
     with pytest.warns(RuntimeWarning, match="not finite"):
         y_cpu = cpu(x)
     np.testing.assert_array_equal(np.isnan(y), np.isnan(y_cpu))
-    assert gpu.num_batches_tracked == 0
-    for k, v in gpu.state_dict().items():
+    with pytest.warns(RuntimeWarning, match=r"not finite \(NaN or Inf in the input\) in 1 "
+                                            "batch since the GPU was last read: running"):
+        assert gpu.num_batches_tracked == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        state = gpu.state_dict()
+    for k, v in state.items():
         np.testing.assert_array_equal(v, cpu.state_dict()[k])
+
+
+#: The points that read a GPU layer's counts, each of which warns about the
+#: non-finite batches since the last one.
+READS = {"num_batches_tracked": lambda bn: bn.num_batches_tracked,
+         "state_dict": lambda bn: bn.state_dict(), "to('cpu')": lambda bn: bn.to("cpu"),
+         "nbbn.gpu.sync": lambda bn: nbbn.gpu.sync(),
+         "reset_running_stats": lambda bn: bn.reset_running_stats()}
+
+
+@here
+@pytest.mark.parametrize("read", READS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_nan_batches_are_counted_on_the_device_and_said_at_the_next_read(rng, read, momentum):
+    import nbbn.gpu
+    gpu = nbbn.BatchNorm(3, momentum=momentum, device="cuda")
+    cpu = nbbn.BatchNorm(3, momentum=momentum)
+    bad = random_input(rng, (4, 3, 5), np.float32)
+    bad[0, 1, 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x in (random_input(rng, (4, 3, 5), np.float32), bad, bad,
+                  random_input(rng, (4, 3, 5), np.float32)):
+            gpu(x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cpu(x)
+    with pytest.warns(RuntimeWarning, match="in 2 batches since the GPU was last read"):
+        READS[read](gpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if read == "reset_running_stats":  # (the skips were said before the reset)
+            assert gpu.num_batches_tracked == 0
+            return
+        assert gpu.num_batches_tracked == cpu.num_batches_tracked == 2  # (the cumulative
+        for k, v in gpu.state_dict().items():  # average skips them too)
+            np.testing.assert_allclose(v, cpu.state_dict()[k], rtol=1e-6)
+
+
+@here
+def test_functional_nan_batch_with_device_or_numpy_statistics(rng):
+    """Device running statistics: skipped on the device, said at nbbn.gpu.sync();
+    NumPy ones: copied back in the call, which says it at once, as on the CPU."""
+    import nbbn.gpu
+    x = random_input(rng, (4, 3, 5), np.float64)
+    x[2, 0, 1] = np.nan
+    x_d = _cuda.to_device(x)
+    rm, rv = _cuda.to_device(np.zeros(3)), _cuda.to_device(np.ones(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nbbn.batch_norm(x_d, rm, rv, training=True)
+    with pytest.warns(RuntimeWarning, match="in 1 batch since the GPU was last read"):
+        nbbn.gpu.sync()
+    np.testing.assert_array_equal(host(rm), 0)
+    np.testing.assert_array_equal(host(rv), 1)
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.warns(RuntimeWarning, match=r"not finite \(NaN or Inf in the input\): running"):
+        nbbn.batch_norm(x_d, rm, rv, training=True)
+    np.testing.assert_array_equal(rm, 0)
+    x[2, 0, 1] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nbbn.batch_norm(_cuda.to_device(x), rm, rv, training=True)
+        nbbn.gpu.sync()
+    np.testing.assert_allclose(rm, naive.batch_norm(x, np.zeros(3), np.ones(3), training=True)[1])
 
 
 @here
@@ -224,8 +296,10 @@ def test_bad_input_changes_nothing(rng):
         (ValueError, "out must have shape", x, {"out": cuda.device_array((4, 3), np.float32)}),
         (TypeError, "out must have dtype float32", x, {"out": cuda.device_array(x.shape)}),
         (TypeError, "out must be a device array", x, {"out": np.empty_like(x)}),
-        (ValueError, "C-contiguous on the device", cuda.to_device(np.ones((3, 4), np.float32)).T,
-         {}),
+        # a strided view of device memory (slicing with a step: a view on a GPU
+        # too, where DeviceNDArray.T copies)
+        (ValueError, "C-contiguous on the device",
+         cuda.to_device(np.ones((4, 6), np.float32))[:, ::2], {}),
     ]
     for error, match, bad, kwargs in cases:
         with pytest.raises(error, match=match):
