@@ -57,7 +57,7 @@ def _import_numba_cuda():
     """
     from numba import cuda as module
     arrayobj = "numba.cuda.np.arrayobj"
-    if (hasattr(np, "row_stack") or ".simulator" in module.device_array.__module__
+    if (hasattr(np, "row_stack") or _is_simulator()
             or importlib.util.find_spec("numba.cuda.np") is None):
         return module
     np.row_stack = np.vstack
@@ -71,6 +71,12 @@ def _import_numba_cuda():
     finally:
         del np.row_stack
     return module
+
+
+def _is_simulator():
+    """Whether ``numba.cuda`` is numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
+    from numba.cuda.cudadrv import devicearray
+    return ".simulator" in devicearray.__name__
 
 
 def cuda():
@@ -96,7 +102,7 @@ def cuda():
                 f"(numba.cuda.is_available() is False: {reason}); set NUMBA_ENABLE_CUDASIM=1 "
                 "before numba is imported to run on numba's CUDA simulator")
         from .memory import Pool
-        _simulated = ".simulator" in module.device_array.__module__
+        _simulated = _is_simulator()
         _pool = Pool(module, _simulated)
         _cuda = module
     return _cuda
@@ -344,6 +350,7 @@ class Workspace:
         self.tickets = cu.to_device(np.zeros(plan.tiles + 1, np.int32))
         self.sums = cu.device_array((2, plan.channels))
         self.counts = cu.to_device(np.zeros(2, np.int64))  # NumPy running statistics' updates
+        self.updates = 0  # counts[0] when last read
         self.staged = {}
 
     def stage(self, mean, var):
@@ -533,8 +540,7 @@ class GPU:
         if track:
             momentum, counts, counter = _factor(factor)
             if host_stats:
-                counts, before = ws.counts, int(ws.counts.copy_to_host()[0])
-                staged = ws.stage(running_mean, running_var)
+                counts, staged = ws.counts, ws.stage(running_mean, running_var)
                 rm, rv = staged[0], staged[1]
             else:
                 rm, rv = _device_view(running_mean), _device_view(running_var)
@@ -544,7 +550,8 @@ class GPU:
         _normalize(x1, plan, stats[0], stats[1], weight, bias, eps, relu, stats, _flat(out))
         updated = None
         if host_stats:
-            updated = int(counts.copy_to_host()[0]) > before
+            updates = int(counts.copy_to_host()[0])
+            updated, ws.updates = updates > ws.updates, updates
             running_mean[...], running_var[...] = staged.copy_to_host()
         elif counter is not None:
             counter.record(None, "running statistics")
