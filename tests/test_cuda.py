@@ -326,7 +326,8 @@ def test_bad_input_changes_nothing(rng):
 
 
 @here
-@pytest.mark.parametrize("shape,axis", [((3, 2, 37), 1), ((13, 3), -1), ((9, 3, 3), 1)])
+@pytest.mark.parametrize("shape,axis", [((3, 2, 37), 1), ((13, 3), -1), ((9, 3, 3), 1),
+                                        ((5, 3, 2), 1), ((6, 5), -1)])
 def test_results_do_not_depend_on_threads_per_block(rng, monkeypatch, shape, axis):
     x, dy = random_input(rng, shape, np.float64), random_input(rng, shape, np.float64)
     results = []
@@ -352,6 +353,66 @@ def test_numerical_traps(rng, dtype):
     # variance condition number ~1e12: float64 references agree to ~1e-11 only
     np.testing.assert_allclose(host(invstd), ref[4], rtol=max(RTOL[dtype], 1e-10))
     np.testing.assert_allclose(y[:, 1], ref[0][:, 1], rtol=1e-3, atol=1e-3)
+
+
+#: (shape, axis, ROW_TILE): the channel layout with parts across planes
+#: (planes wider than LANES, then narrower: a lane steps over a plane or more),
+#: rows whose parts are capped at LANES (longer runs), channels last over two
+#: tiles of columns.
+LONG_RUNS = [((7, 2, 9), 1, 32), ((7, 2, 3), 1, 2), ((150, 2), 1, 32), ((9, 4, 5), -1, 32)]
+
+
+@pytest.fixture
+def long_runs(monkeypatch):
+    """Lanes of about 11 values: four loads at a time, then the rest."""
+    monkeypatch.setattr(_cuda, "ELEMENTS_PER_LANE", 11)
+    return lambda row_tile: monkeypatch.setattr(_cuda, "ROW_TILE", row_tile)
+
+
+@here
+@pytest.mark.parametrize("shape,axis,row_tile", LONG_RUNS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_variance_at_a_large_offset_and_a_constant_channel(rng, long_runs, shape, axis,
+                                                           row_tile, dtype):
+    """Lanes' sums of deviations from their first value, then Chan merges:
+    the variance at mean 1e7 to 1e-9 (relative) of the float64 reference's,
+    a constant channel exactly (mean 1e7, variance 0, output 0); the same
+    bits again."""
+    long_runs(row_tile)
+    x = (1e7 + rng.standard_normal(shape) * 3).astype(dtype)
+    np.moveaxis(x, axis, 0)[0] = 1e7
+    x_d = _cuda.to_device(x)
+    mean, var = _cuda.GPU.moments(x_d, axis)
+    sample_axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    ref = np.var(x.astype(np.float64), axis=sample_axes)
+    assert host(mean)[0] == 1e7 and host(var)[0] == 0
+    np.testing.assert_allclose(host(var)[1:], ref[1:], rtol=1e-9)
+    np.testing.assert_allclose(host(mean), np.mean(x.astype(np.float64), axis=sample_axes),
+                               rtol=1e-15)
+    y, _, _ = gpu_forward(x, None, None, None, None, True, 0.1, 1e-5, axis=axis)
+    assert (np.moveaxis(host(y), axis, 0)[0] == 0).all()
+    again = _cuda.GPU.moments(x_d, axis)
+    np.testing.assert_array_equal(host(again[1]), host(var))
+
+
+@here
+@pytest.mark.parametrize("shape,axis,row_tile", LONG_RUNS)
+def test_long_runs_match_cpu(rng, long_runs, shape, axis, row_tile):
+    long_runs(row_tile)
+    x, dy = random_input(rng, shape, np.float32), random_input(rng, shape, np.float32)
+    mask = random_input(rng, shape, np.float32)
+    y, mean, invstd = gpu_forward(x, None, None, None, None, True, 0.1, 1e-5, axis=axis,
+                                  activation="relu")
+    y_cpu, mean_cpu, invstd_cpu = native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5,
+                                                    axis=axis, activation="relu")
+    assert_close(y, y_cpu, np.float32)
+    for training in (True, False):
+        grads = gpu_backward(dy, x, mean, invstd, None, training, axis=axis, y=mask,
+                             activation="relu")
+        grads_cpu = batch_norm_backward(dy, x, mean_cpu, invstd_cpu, None, training, axis=axis,
+                                        y=mask, activation="relu")
+        for gpu, cpu in zip(grads, grads_cpu):
+            assert_close(gpu, cpu, np.float32)
 
 
 @here
