@@ -43,26 +43,29 @@ ROW_TILE = 32
 _cuda = None
 _pool = None
 _simulated = False
+#: numba-cuda's module that names ``np.row_stack`` (see :func:`_import_numba_cuda`).
+ARRAYOBJ = "numba.cuda.np.arrayobj"
 
 
 def _import_numba_cuda():
     """``numba.cuda``, made to compile under NumPy 2.5 if it can be.
 
-    numba-cuda (0.30.4 and before) registers its ``np.vstack`` overload for
+    numba-cuda (0.30.4, the newest) registers its ``np.vstack`` overload for
     ``np.row_stack`` too when it first compiles a kernel; NumPy 2.5 removed
     ``row_stack``, so that first compile raises ``AttributeError`` (numba-cuda
     issue 907). Where NumPy has no ``row_stack`` and ``numba.cuda`` is
-    numba-cuda (its ``numba.cuda.np.arrayobj``), that module is imported now,
-    with ``numpy.row_stack`` set to ``numpy.vstack`` for the import only.
+    numba-cuda (it has :data:`ARRAYOBJ`; numba's built-in target has not, nor
+    needs it), that module is imported now, with ``numpy.row_stack`` set to
+    ``numpy.vstack`` for the import only. If it still fails: a RuntimeError
+    naming the fix.
     """
     from numba import cuda as module
-    arrayobj = "numba.cuda.np.arrayobj"
     if (hasattr(np, "row_stack") or _is_simulator()
-            or importlib.util.find_spec("numba.cuda.np") is None):
+            or importlib.util.find_spec(ARRAYOBJ.rpartition(".")[0]) is None):
         return module
     np.row_stack = np.vstack
     try:
-        importlib.import_module(arrayobj)
+        importlib.import_module(ARRAYOBJ)
     except Exception as e:
         raise RuntimeError(
             f"numba's CUDA target fails to load under NumPy {np.__version__} ({e!r}); "
