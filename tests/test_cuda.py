@@ -448,18 +448,28 @@ def test_torch_cuda_tensors():
 
 
 @here
-@pytest.mark.filterwarnings("ignore:Simulator timings are bogus")
 def test_benchmark_runs(monkeypatch):
-    from nbbn.programs.cuda_bench import benchmark
+    """Every part of the run (cases with eval, per-call rows, the copy
+    bandwidth); on the simulator nothing is timed (NaN), torch is left out."""
+    from nbbn.programs.cuda_bench import benchmark, format_table
     if SIMULATOR:
         monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
-    res = benchmark((2, 3, 4, 4), repeat=1)
-    assert res["nbbn_forward"] >= 0 and (res["torch_forward"] is None or not SIMULATOR)
-    assert {"nbbn_backward", "copy_bandwidth", "forward_roofline", "backward_roofline"} <= set(res)
+    res = benchmark([((2, 3, 4, 4), 1), ((3, 2, 4), -1)], repeat=1,
+                    calls=[("functional train", (4, 3)), ("layer forward+backward", (4, 3, 2))])
+    assert set(res["bandwidth"]) == {"memcpy", "kernel", "best"}
+    assert [r["shape"] for r in res["cases"]] == [(2, 3, 4, 4), (3, 2, 4)]
+    for r in res["cases"]:
+        assert set(r["nbbn"]) == set(r["roofline"]["nbbn"]) == {"train", "eval", "backward"}
+        assert (r["torch"] is None) == SIMULATOR
+    assert [r["call"] for r in res["per_call"]] == ["functional train", "layer forward+backward"]
+    times = [t for r in res["cases"] for t in r["nbbn"].values()] + [r["nbbn"] for r in
+                                                                     res["per_call"]]
+    assert all(np.isnan(t) for t in times) if SIMULATOR else all(t > 0 for t in times)
+    table = format_table(res)
+    assert "| (3, 2, 4) | -1 | eval |" in table and "| layer forward+backward | (4, 3, 2) |" in table
 
 
 @here
-@pytest.mark.filterwarnings("ignore:Simulator timings are bogus")
 def test_bench_command_on_the_gpu(monkeypatch, capsys, tmp_path):
     from nbbn.__main__ import main
     if SIMULATOR:
@@ -468,5 +478,7 @@ def test_bench_command_on_the_gpu(monkeypatch, capsys, tmp_path):
     assert main(["bench", "--device", "cuda", "--shapes", "2x3x4x4", "--repeat", "1",
                  "--json", str(path)]) == 0
     table = capsys.readouterr().out
-    assert "| (2, 3, 4, 4) | forward-train |" in table and "| (2, 3, 4, 4) | backward |" in table
-    assert "nbbn_backward" in path.read_text()
+    for op in ("train", "eval", "backward"):
+        assert f"| (2, 3, 4, 4) | 1 | {op} |" in table
+    assert "Per call" not in table  # (the default run only)
+    assert '"backward"' in path.read_text() and '"bandwidth"' in path.read_text()
