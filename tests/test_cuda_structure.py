@@ -168,23 +168,78 @@ def test_pool_lends_numba_device_arrays_with_views_counted():
 
     from numba.cuda.cudadrv import devicearray, driver
 
-    from nbbn.gpu.memory import _lend_device
+    from nbbn.gpu.memory import Pool, _Arrays, _lend_device
 
     backing = types.SimpleNamespace(gpu_data=driver.MemoryPointer(
         None, ctypes.c_void_p(0x10000), 96))
-    released, lent = [], {}
-    a = _lend_device(backing, (4, 3), np.dtype(np.float64), lambda: released.append(1), lent,
-                     itertools.count())
-    assert isinstance(a, devicearray.DeviceNDArray) and a.is_c_contiguous()
-    assert a.__cuda_array_interface__["data"][0] == 0x10000 and a.shape == (4, 3)
-    row, flat = a._do_getitem(2), a.reshape(12)  # (a[2] only adds a context check)
-    assert row.__cuda_array_interface__["data"][0] == 0x10000 + 2 * 24
-    del a
-    gc.collect()
-    assert not released and len(lent) == 1
-    del row
-    gc.collect()
-    assert not released
-    del flat
-    gc.collect()
-    assert released == [1] and not lent
+    released, lent, arrays = [], {}, _Arrays()
+    pool = Pool(None, simulated=False)
+    for _ in range(2):  # the second time from the template made the first
+        a = _lend_device(backing, (4, 3), np.dtype(np.float64), lambda: released.append(1),
+                         lent, itertools.count(), arrays)
+        assert isinstance(a, devicearray.DeviceNDArray) and a.is_c_contiguous()
+        assert a.__cuda_array_interface__["data"][0] == 0x10000 and a.shape == (4, 3)
+        assert a.strides == (24, 8) and a.alloc_size == 96 and a.dtype == np.float64
+        rows = pool.rows(a)
+        assert [r.__cuda_array_interface__["data"][0] for r in rows] == [
+            0x10000 + 24 * i for i in range(4)]
+        assert all(r.shape == (3,) and r.alloc_size == 24 for r in rows)
+        row, flat = a._do_getitem(2), pool.flat(a)  # (a[2] only adds a context check)
+        assert row.__cuda_array_interface__["data"][0] == 0x10000 + 2 * 24
+        assert flat.shape == (12,) and flat.__cuda_array_interface__["data"][0] == 0x10000
+        assert pool.flat(flat) is flat
+        del a
+        gc.collect()
+        assert not released and len(lent) == 1
+        del row, rows
+        gc.collect()
+        assert not released
+        del flat
+        gc.collect()
+        assert released == [1] and not lent
+        released.clear()
+
+
+@pytest.mark.skipif(SIMULATOR, reason="numba's device-array classes, not the simulator's")
+def test_a_launch_key_decides_numba_types():
+    """Launches reuse a kernel specialized for the first arguments of the same
+    key (``nbbn.gpu.backend._kind``): arrays made every way nbbn makes them,
+    with equal keys, have one numba type; scalars' Python types decide theirs."""
+    import ctypes
+    import itertools
+    import types
+
+    from numba import typeof
+    from numba.cuda.cudadrv import devicearray, driver
+
+    from nbbn.gpu.backend import _kind
+    from nbbn.gpu.memory import Pool, _Arrays, _lend_device
+
+    pool, arrays = Pool(None, simulated=False), _Arrays()
+    memory = driver.MemoryPointer(None, ctypes.c_void_p(0x10000), 1 << 12)
+    backing = types.SimpleNamespace(gpu_data=memory)
+
+    def lent(shape, dtype):
+        return _lend_device(backing, shape, np.dtype(dtype), lambda: None, {}, itertools.count(),
+                            arrays)
+
+    def made(shape, dtype):  # numba's constructor
+        itemsize = np.dtype(dtype).itemsize
+        strides = (itemsize,) if len(shape) == 1 else (shape[1] * itemsize, itemsize)
+        return devicearray.DeviceNDArray(shape, strides, dtype, gpu_data=memory)
+
+    a2 = lent((4, 6), np.float32)
+    same = [[lent((6,), np.float32), made((6,), np.float32), pool.rows(a2)[1],
+             a2._do_getitem(3), pool.flat(lent((2, 3), np.float32))],
+            [lent((4, 6), np.float32), made((4, 6), np.float32)],
+            [lent((3,), np.float64), pool.rows(lent((2, 3), np.float64))[0]],
+            [a2._do_getitem((slice(None), slice(None, None, 2)))],  # strided: layout A
+            [lent((4, 3), np.float32)]]  # the same shape and dtype, contiguous: layout C
+    for group in same:
+        assert len({_kind(a) for a in group}) == 1
+        assert len({typeof(a) for a in group}) == 1
+    kinds = [_kind(g[0]) for g in same]
+    assert len(set(kinds)) == len(kinds)
+    assert typeof(same[3][0]).layout == "A" and typeof(same[0][0]).layout == "C"
+    for values in ([True, False], [3, 1 << 40], [0.5, 1e-5], [(1, 2), (3, 4)]):
+        assert len({_kind(v) for v in values}) == 1 and len({typeof(v) for v in values}) == 1

@@ -195,17 +195,32 @@ def _grid(n):
     return max(1, -(-n // THREADS_PER_BLOCK))
 
 
+_specialized = {}  # (kernel, kinds of the arguments) -> kernel.specialize(*arguments)
 _configured = {}  # (kernel, grid, threads) -> the configured kernel, kernel[grid, threads]
 
 
+def _kind(a):
+    """What decides numba's type of a kernel argument, cheaply: an array's
+    dtype, shape and strides (its layout follows), or a scalar's Python type."""
+    strides = getattr(a, "strides", None)
+    return type(a) if strides is None else (a.dtype, a.shape, strides)
+
+
 def _launch(kernel, grid, *args):
-    """Launch ``kernel`` on ``grid`` blocks of ``THREADS_PER_BLOCK`` threads
-    (configured once per grid)."""
-    key = (kernel, grid, THREADS_PER_BLOCK)
+    """Launch ``kernel`` on ``grid`` blocks of ``THREADS_PER_BLOCK`` threads.
+
+    The kernel is specialized for its arguments' types once (numba's
+    ``specialize``: later launches skip typing each argument) and configured
+    once per grid."""
+    key = (kernel, *map(_kind, args))
+    specialized = _specialized.get(key)
+    if specialized is None:
+        specialized = _specialized[key] = kernel.specialize(*args)
+    key = (specialized, grid, THREADS_PER_BLOCK)
     launcher = _configured.get(key)
     if launcher is None:
-        launcher = kernel[grid, THREADS_PER_BLOCK]
-        if launcher is not kernel:  # (numba's simulator configures the kernel itself)
+        launcher = specialized[grid, THREADS_PER_BLOCK]
+        if launcher is not specialized:  # (numba's simulator configures the kernel itself)
             _configured[key] = launcher
     launcher(*args)
 
@@ -354,13 +369,14 @@ class Workspace:
         self.sums = cu.device_array((2, plan.channels))
         self.counts = cu.to_device(np.zeros(2, np.int64))  # NumPy running statistics' updates
         self.updates = 0  # counts[0] when last read
-        self.staged = {}
+        self.staged, self.staged_rows = {}, {}
 
     def stage(self, mean, var):
         """Device copies of NumPy running statistics (float32 or float64)."""
         dtype = np.dtype(mean.dtype)
         if dtype not in self.staged:
             self.staged[dtype] = cuda().device_array((2, self.plan.channels), dtype)
+            self.staged_rows[dtype] = (self.staged[dtype][0], self.staged[dtype][1])
         staged = self.staged[dtype]
         staged.copy_to_device(np.stack([mean, var]).astype(dtype, copy=False))
         return staged
@@ -380,7 +396,11 @@ def workspace(shape, axis):
 
 
 def _flat(a):
-    return a.reshape(a.size)
+    return _pool.flat(a)
+
+
+def _rows(a):
+    return _pool.rows(a)
 
 
 _pending = weakref.WeakSet()  # counters with batches the host has not read yet
@@ -525,7 +545,7 @@ class GPU:
     def gradients(s_dy, s_dyx, invstd, dtype):
         out = take((2, invstd.shape[0]), dtype)
         _launch(_channels().gradients, _grid(invstd.shape[0]), s_dy, s_dyx, invstd, out)
-        return out[0], out[1]
+        return tuple(_rows(out))
 
     # --- a whole forward or backward ----------------------------------------------
     @staticmethod
@@ -536,7 +556,8 @@ class GPU:
         ws = workspace(tuple(x.shape), axis)
         plan = ws.plan
         stats = take((3, plan.channels), np.float64)
-        rm = rv = stats[0]
+        mean, var, invstd = _rows(stats)
+        rm = rv = mean
         momentum, counts, counter = 0.0, ws.counts, None
         track = running_mean is not None
         host_stats = track and not is_device_array(running_mean)
@@ -544,13 +565,13 @@ class GPU:
             momentum, counts, counter = _factor(factor)
             if host_stats:
                 counts, staged = ws.counts, ws.stage(running_mean, running_var)
-                rm, rv = staged[0], staged[1]
+                rm, rv = ws.staged_rows[staged.dtype]
             else:
                 rm, rv = _device_view(running_mean), _device_view(running_var)
         x1, k = _flat(x), _kernels()
         _launch(k.moments, plan.blocks, x1, plan.geo, ws.states, ws.tickets, stats, rm, rv,
                 track, momentum, plan.count / (plan.count - 1), counts)
-        _normalize(x1, plan, stats[0], stats[1], weight, bias, eps, relu, stats, _flat(out))
+        _normalize(x1, plan, mean, var, weight, bias, eps, relu, stats, _flat(out))
         updated = None
         if host_stats:
             updates = int(counts.copy_to_host()[0])
@@ -558,7 +579,7 @@ class GPU:
             running_mean[...], running_var[...] = staged.copy_to_host()
         elif counter is not None:
             counter.record(None, "running statistics")
-        return stats[0], stats[1], stats[2], updated if track else False
+        return mean, var, invstd, updated if track else False
 
     @staticmethod
     def evaluate(x, axis, mean, var, weight, bias, eps, relu, out):
@@ -567,11 +588,11 @@ class GPU:
         ws = workspace(tuple(x.shape), axis)
         plan = ws.plan
         if not is_device_array(mean):
-            staged = ws.stage(mean, var)
-            mean, var = staged[0], staged[1]
+            mean, var = ws.staged_rows[ws.stage(mean, var).dtype]
         stats = take((3, plan.channels), np.float64)
         _normalize(_flat(x), plan, mean, var, weight, bias, eps, relu, stats, _flat(out))
-        return stats[0], stats[2]
+        mean64, _, invstd = _rows(stats)
+        return mean64, invstd
 
     @staticmethod
     def backward(dy, x, axis, mask, mean, invstd, weight, training, out):
@@ -582,7 +603,7 @@ class GPU:
         _grad_sums(x1, _flat(dy), mask, mean, plan, ws, ws.sums, invstd, grads)
         _grad_input(_flat(dy), x1, mask, mean, invstd, weight, ws.sums, plan.count, training,
                     plan, _flat(out))
-        return grads[0], grads[1]
+        return tuple(_rows(grads))
 
     # --- the pieces ------------------------------------------------------------------
     @staticmethod
@@ -590,16 +611,17 @@ class GPU:
         ws = workspace(tuple(x.shape), axis)
         plan = ws.plan
         stats = take((3, plan.channels), np.float64)
+        mean, var, _ = _rows(stats)
         _launch(_kernels().moments, plan.blocks, _flat(x), plan.geo, ws.states, ws.tickets,
-                stats, stats[0], stats[1], False, 0.0, 1.0, ws.counts)
-        return stats[0], stats[1]
+                stats, mean, var, False, 0.0, 1.0, ws.counts)
+        return mean, var
 
     @staticmethod
     def grad_sums(dy, x, axis, mask, mean):
         ws = workspace(tuple(x.shape), axis)
         sums = take((2, ws.plan.channels), np.float64)
         _grad_sums(_flat(x), _flat(dy), mask, mean, ws.plan, ws, sums, None, None)
-        return sums[0], sums[1]
+        return tuple(_rows(sums))
 
     @staticmethod
     def grad_input(dy, x, axis, mask, mean, invstd, weight, s_dy, s_dyx, count, out):
@@ -630,7 +652,8 @@ class GPU:
                 counts, LANES, out)
         if counter is not None:
             counter.record(None, "moving statistics")
-        return out[2], out[3], out[0], out[1], None
+        r, d, w, shift = _rows(out)
+        return w, shift, r, d, None
 
     @staticmethod
     def renorm_grads(r, d, dweight, dbias):
