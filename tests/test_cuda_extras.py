@@ -17,7 +17,7 @@ from cudasim import (assert_same, gpu_backward, gpu_forward, here, host, simulat
 from nbbn.gpu import backend as _cuda
 from nbbn.functional import batch_norm_backward, native_batch_norm
 
-test_simulator_run = simulator_run(__file__, min_passed=30)
+test_simulator_run = simulator_run(__file__, min_passed=50)
 
 TOL = {np.float32: dict(rtol=1e-5, atol=2e-5), np.float64: dict(rtol=1e-12, atol=1e-12)}
 #: A planes shape (plane >= LANES = 4), a rows shape, channels last.

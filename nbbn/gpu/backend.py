@@ -285,8 +285,6 @@ def _running_stats(mean, var, channels):
         if isinstance(a, np.ndarray) and not (a.flags.writeable and a.dtype.isnative):
             raise ValueError(f"{name} must be writable and in native byte order "
                              "(it is updated in place)")
-        if is_device_array(a) and not a.is_c_contiguous():
-            raise ValueError(f"{name} must be C-contiguous on the device")
 
 
 def _output(out, x):
