@@ -110,6 +110,17 @@ def _next(f, i, jump, r, inner, wrap):
 
 
 @cuda.jit(device=True)
+def _next4(f, i, jump, r, inner, wrap):
+    """The flat indices of a lane's four values from ``x[f]`` on, then the
+    index (and index in its plane) of the value after them."""
+    f1, i = _next(f, i, jump, r, inner, wrap)
+    f2, i = _next(f1, i, jump, r, inner, wrap)
+    f3, i = _next(f2, i, jump, r, inner, wrap)
+    f4, i = _next(f3, i, jump, r, inner, wrap)
+    return f, f1, f2, f3, f4, i
+
+
+@cuda.jit(device=True)
 def _lane(geo, b, lane):
     """``(column, f, i, count, jump, r, inner, wrap)``: the column of lane
     ``lane`` of block ``b``, its first value ``x[f]`` (``i`` in its plane), how
@@ -149,11 +160,7 @@ def _moments_run(x, f, i, count, jump, r, inner, wrap):
     s1, s2 = 0.0, 0.0
     t = 0
     while t + 4 <= count:
-        f0 = f
-        f1, i = _next(f0, i, jump, r, inner, wrap)
-        f2, i = _next(f1, i, jump, r, inner, wrap)
-        f3, i = _next(f2, i, jump, r, inner, wrap)
-        f, i = _next(f3, i, jump, r, inner, wrap)
+        f0, f1, f2, f3, f, i = _next4(f, i, jump, r, inner, wrap)
         d0 = float64(x[f0]) - k
         d1 = float64(x[f1]) - k
         d2 = float64(x[f2]) - k
@@ -175,11 +182,7 @@ def _affine_run(x, out, mu, a, b, relu, f, i, count, jump, r, inner, wrap):
     """``out = (x - mu) * a + b`` (clamped at 0 with ``relu``) over a lane's values."""
     t = 0
     while t + 4 <= count:
-        f0 = f
-        f1, i = _next(f0, i, jump, r, inner, wrap)
-        f2, i = _next(f1, i, jump, r, inner, wrap)
-        f3, i = _next(f2, i, jump, r, inner, wrap)
-        f, i = _next(f3, i, jump, r, inner, wrap)
+        f0, f1, f2, f3, f, i = _next4(f, i, jump, r, inner, wrap)
         v0, v1, v2, v3 = float64(x[f0]), float64(x[f1]), float64(x[f2]), float64(x[f3])
         out[f0] = _output((v0 - mu) * a + b, relu)
         out[f1] = _output((v1 - mu) * a + b, relu)
@@ -206,11 +209,7 @@ def _grad_run(x, dy, mask, masked, mu, f, i, count, jump, r, inner, wrap):
     a, b = 0.0, 0.0
     t = 0
     while t + 4 <= count:
-        f0 = f
-        f1, i = _next(f0, i, jump, r, inner, wrap)
-        f2, i = _next(f1, i, jump, r, inner, wrap)
-        f3, i = _next(f2, i, jump, r, inner, wrap)
-        f, i = _next(f3, i, jump, r, inner, wrap)
+        f0, f1, f2, f3, f, i = _next4(f, i, jump, r, inner, wrap)
         g0, g1 = _g(dy, mask, masked, f0), _g(dy, mask, masked, f1)
         g2, g3 = _g(dy, mask, masked, f2), _g(dy, mask, masked, f3)
         x0, x1, x2, x3 = float64(x[f0]), float64(x[f1]), float64(x[f2]), float64(x[f3])
@@ -233,11 +232,7 @@ def _grad_input_run(dy, x, mask, masked, training, ka, kb, kc, mu, out, f, i, co
     ``x`` unread, without ``training``)."""
     t = 0
     while t + 4 <= count:
-        f0 = f
-        f1, i = _next(f0, i, jump, r, inner, wrap)
-        f2, i = _next(f1, i, jump, r, inner, wrap)
-        f3, i = _next(f2, i, jump, r, inner, wrap)
-        f, i = _next(f3, i, jump, r, inner, wrap)
+        f0, f1, f2, f3, f, i = _next4(f, i, jump, r, inner, wrap)
         g0, g1 = _g(dy, mask, masked, f0), _g(dy, mask, masked, f1)
         g2, g3 = _g(dy, mask, masked, f2), _g(dy, mask, masked, f3)
         if training:
@@ -351,16 +346,22 @@ def _count(counts, good):
 
 
 @cuda.jit(device=True)
-def _update_running(running_mean, running_var, mean, var, correction, momentum, counts, lanes):
+def _update_running(running_mean, running_var, mean, var, k, momentum, counts, lanes, moving):
     """By one block: if every ``mean`` and ``var`` is finite, move the running
-    statistics towards them (the variance times ``correction``) by
-    :func:`_factor`, in place; then count the update or the skipped batch."""
+    statistics towards them by :func:`_factor`, in place: batch norm's update
+    (``nbbn.gpu.channel_kernels.running``, the variance times ``k``, the
+    correction) or, with ``moving``, Batch Renormalization's (``renorm_moving``,
+    ``k`` is eps); then count the update or the skipped batch."""
     good = _all_finite(mean, var, lanes)
     factor = _factor(momentum, counts)
     if good == 1:
         for c in range(cuda.threadIdx.x, mean.shape[0], cuda.blockDim.x):
-            running_mean[c], running_var[c] = running(running_mean, running_var, mean, var,
-                                                      correction, factor, c)
+            if moving:
+                running_mean[c], running_var[c] = renorm_moving(running_mean, running_var, mean,
+                                                                var, k, factor, c)
+            else:
+                running_mean[c], running_var[c] = running(running_mean, running_var, mean, var,
+                                                          k, factor, c)
     _count(counts, good)
 
 
@@ -368,7 +369,8 @@ def _update_running(running_mean, running_var, mean, var, correction, momentum, 
 def running_update(running_mean, running_var, mean, var, correction, momentum, counts, lanes):
     """:func:`_update_running` as a kernel of one block (statistics from
     elsewhere, e.g. merged over MPI ranks)."""
-    _update_running(running_mean, running_var, mean, var, correction, momentum, counts, lanes)
+    _update_running(running_mean, running_var, mean, var, correction, momentum, counts, lanes,
+                    False)
 
 
 @cuda.jit
@@ -377,19 +379,28 @@ def renorm(mean, var, running_mean, running_var, weight, bias, has_affine, has_b
     """One block: Batch Renormalization's ``out[0:4] = r, d, w, shift`` per
     channel (``nbbn.gpu.channel_kernels.renorm_corrections``); then, if every
     ``mean`` and ``var`` is finite, the moving statistics' update in place
-    (``renorm_moving``), counted as in :func:`_update_running`."""
+    (:func:`_update_running`)."""
     for c in range(cuda.threadIdx.x, mean.shape[0], cuda.blockDim.x):
         out[0, c], out[1, c], out[2, c], out[3, c] = renorm_corrections(
             mean, var, running_mean, running_var, weight, bias, has_affine, has_bias, eps, rmin,
             rmax, dmax, c)
     cuda.syncthreads()  # every channel has read the moving statistics
-    good = _all_finite(mean, var, lanes)
-    factor = _factor(momentum, counts)
-    if good == 1:
-        for c in range(cuda.threadIdx.x, mean.shape[0], cuda.blockDim.x):
-            running_mean[c], running_var[c] = renorm_moving(running_mean, running_var, mean, var,
-                                                            eps, factor, c)
-    _count(counts, good)
+    _update_running(running_mean, running_var, mean, var, eps, momentum, counts, lanes, True)
+
+
+@cuda.jit(device=True)
+def _publish(states, a, b, geo, tickets, flag):
+    """Write the block's state of each of its columns (lane ``j``: ``a[j]``,
+    ``b[j]``) as their part ``blockIdx.x % parts``, then :func:`_arrive` at its
+    tile's ticket: whether this block is the last of its tile."""
+    columns, span, parts = _columns(geo), geo[5], geo[8]
+    tile = cuda.blockIdx.x // parts
+    part = cuda.blockIdx.x - tile * parts
+    for lane in range(cuda.threadIdx.x, span, cuda.blockDim.x):
+        if tile * span + lane < columns:
+            states[0, tile * span + lane, part] = a[lane]
+            states[1, tile * span + lane, part] = b[lane]
+    return _arrive(tickets, tile, 1, parts, flag)
 
 
 @cuda.jit
@@ -404,21 +415,16 @@ def moments(x, geo, states, tickets, stats, running_mean, running_var, track, mo
     shq = cuda.shared.array(MAX_LANES, float64)
     flag = cuda.shared.array(1, int32)
     tid, tpb, b = cuda.threadIdx.x, cuda.blockDim.x, cuda.blockIdx.x
-    channel, channels, _, _, extent, span, group, chunk, parts, cinner, lanes = geo
+    _, channels, _, _, extent, span, group, chunk, parts, cinner, lanes = geo
     for lane in range(tid, lanes, tpb):
         _, f, i, count, jump, r, inner, wrap = _lane(geo, b, lane)
         shn[lane], shm[lane], shq[lane] = _moments_run(x, f, i, count, jump, r, inner, wrap)
     _tree_states(shn, shm, shq, span, group)
-    columns = _columns(geo)
-    tile = b // parts
-    col0 = tile * span
-    for lane in range(tid, span, tpb):
-        if col0 + lane < columns:
-            states[0, col0 + lane, b - tile * parts] = shm[lane]
-            states[1, col0 + lane, b - tile * parts] = shq[lane]
-    if not _arrive(tickets, tile, 1, parts, flag):
+    if not _publish(states, shm, shq, geo, tickets, flag):
         return
     # the last block of the tile: its columns' parts, in order, then its channels
+    columns = _columns(geo)
+    col0 = b // parts * span
     for lane in range(tid, span * group, tpb):
         col = col0 + lane % span
         n, mean, m2 = 0.0, 0.0, 0.0
@@ -438,7 +444,7 @@ def moments(x, geo, states, tickets, stats, running_mean, running_var, track, mo
     if track and _arrive(tickets, (columns + span - 1) // span,
                          (_min(col0 + span, columns) - col0) // cinner, channels, flag):
         _update_running(running_mean, running_var, stats[0], stats[1], correction, momentum,
-                        counts, lanes)
+                        counts, lanes, False)
 
 
 @cuda.jit
@@ -447,7 +453,7 @@ def normalize(x, geo, mean, var, weight, bias, has_weight, has_bias, relu, eps, 
     normalization``), clamped at 0 with ``relu``; the statistics used, as
     float64, into ``stats`` (rows mean, var, invstd)."""
     tid, tpb, b = cuda.threadIdx.x, cuda.blockDim.x, cuda.blockIdx.x
-    channel, _, _, _, _, span, _, _, parts, cinner, lanes = geo
+    _, _, _, _, _, span, _, _, parts, cinner, lanes = geo
     first = b % parts == 0
     for lane in range(tid, lanes, tpb):
         col, f, i, count, jump, r, inner, wrap = _lane(geo, b, lane)
@@ -470,21 +476,16 @@ def grad_sums(x, dy, mask, masked, mean, geo, states, tickets, sums, invstd, gra
     sb = cuda.shared.array(MAX_LANES, float64)
     flag = cuda.shared.array(1, int32)
     tid, tpb, b = cuda.threadIdx.x, cuda.blockDim.x, cuda.blockIdx.x
-    channel, _, _, _, _, span, group, _, parts, cinner, lanes = geo
+    _, _, _, _, _, span, group, _, parts, cinner, lanes = geo
     for lane in range(tid, lanes, tpb):
         col, f, i, count, jump, r, inner, wrap = _lane(geo, b, lane)
         mu = float64(mean[col // cinner]) if count > 0 else 0.0
         sa[lane], sb[lane] = _grad_run(x, dy, mask, masked, mu, f, i, count, jump, r, inner, wrap)
     _tree_sums(sa, sb, span, group)
-    columns = _columns(geo)
-    tile = b // parts
-    col0 = tile * span
-    for lane in range(tid, span, tpb):
-        if col0 + lane < columns:
-            states[0, col0 + lane, b - tile * parts] = sa[lane]
-            states[1, col0 + lane, b - tile * parts] = sb[lane]
-    if not _arrive(tickets, tile, 1, parts, flag):
+    if not _publish(states, sa, sb, geo, tickets, flag):
         return
+    columns = _columns(geo)
+    col0 = b // parts * span
     for lane in range(tid, span * group, tpb):
         col = col0 + lane % span
         u, v = 0.0, 0.0
