@@ -370,8 +370,9 @@ class Workspace:
         self.staged, self.staged_rows = {}, {}
 
     def stage(self, mean, var):
-        """Device copies of NumPy running statistics (float32 or float64)."""
-        dtype = np.dtype(mean.dtype)
+        """Device copies of NumPy running statistics (float32 or float64; in
+        float64 if they differ, which rounds nothing back)."""
+        dtype = np.result_type(mean, var)
         if dtype not in self.staged:
             self.staged[dtype] = cuda().device_array((2, self.plan.channels), dtype)
             self.staged_rows[dtype] = (self.staged[dtype][0], self.staged[dtype][1])
@@ -432,7 +433,7 @@ class Counter:
             updates, skipped = (int(v) for v in self.counts.copy_to_host())
             self._value = updates
             if skipped > self._skipped:
-                warn_not_finite(2, self._what, skipped - self._skipped)
+                warn_not_finite(3, self._what, skipped - self._skipped)  # (the reader's caller)
             self._skipped = skipped
         return self._value
 
