@@ -12,8 +12,8 @@ import pytest
 
 import nbbn
 from conftest import random_input
-from cudasim import (SIMULATOR, activity, here, host, simulator_run,  # noqa: F401 (fixtures)
-                     fast_switching, small_launch)
+from cudasim import (SIMULATOR, activity, cpu, here, host, simulator_run,  # noqa: F401
+                     fast_switching, small_launch)  # (fixtures)
 from nbbn.functional import batch_norm_backward, native_batch_norm
 from nbbn.gpu import backend as _cuda
 
@@ -156,7 +156,7 @@ def _address(a):
     return a._ary.__array_interface__["data"][0]
 
 
-@pytest.mark.skipif(SIMULATOR, reason="numba's device-array classes, not the simulator's")
+@cpu  # numba's device-array classes, not the simulator's
 def test_pool_lends_numba_device_arrays_with_views_counted():
     """The GPU's lending (``nbbn.gpu.memory._lend_device``) with numba's own
     pointer and array classes over a fake address: nothing touches the
@@ -200,7 +200,7 @@ def test_pool_lends_numba_device_arrays_with_views_counted():
         released.clear()
 
 
-@pytest.mark.skipif(SIMULATOR, reason="numba's device-array classes, not the simulator's")
+@cpu  # numba's device-array classes, not the simulator's
 def test_a_launch_key_decides_numba_types():
     """Launches reuse a kernel specialized for the first arguments of the same
     key (``nbbn.gpu.backend._kind``): arrays made every way nbbn makes them,
