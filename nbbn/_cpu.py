@@ -10,10 +10,34 @@ from . import _engine as engine
 from . import _validation as check
 
 
+class Count:
+    """``num_batches_tracked`` of a layer on the CPU (the GPU's,
+    ``nbbn.gpu.backend.Counter``, stays on the device)."""
+
+    def __init__(self, value=0):
+        self.value = value
+
+    def factor(self, momentum):
+        """The weight of the next batch: ``momentum``, or cumulative if None."""
+        return 1.0 / (self.value + 1) if momentum is None else momentum
+
+    def record(self, updated, what):
+        """Count an update; False (the caller warns) for a skipped batch."""
+        self.value += bool(updated)
+        return bool(updated)
+
+    def read(self):
+        return self.value
+
+    def __eq__(self, other):
+        return isinstance(other, Count) and other.value == self.value
+
+
 class CPU:
     """Batch normalization on NumPy arrays (see the module docstring)."""
 
     name = "cpu"
+    counter = Count
 
     # --- arrays ---------------------------------------------------------------
     @staticmethod
@@ -99,9 +123,11 @@ class CPU:
 
     @staticmethod
     def evaluate(x, axis, mean, var, weight, bias, eps, relu, out):
-        """Forward with the given statistics into ``out``; returns invstd."""
-        return engine.evaluate(x, engine.layout_of(x.shape, axis, x.itemsize), mean, var,
-                               weight, bias, eps, relu, out)
+        """Forward with the given statistics into ``out``: ``(mean, invstd)``,
+        those it normalized with, float64."""
+        return check.channel_vector(mean, "mean", mean.shape[0]), engine.evaluate(
+            x, engine.layout_of(x.shape, axis, x.itemsize), mean, var, weight, bias, eps, relu,
+            out)
 
     @staticmethod
     def backward(dy, x, axis, mask, mean, invstd, weight, training, out):

@@ -172,7 +172,6 @@ class BatchNorm:
         self.track_running_stats: bool = bool(track_running_stats)
         self._backend: Any = CPU  # the CPU backend, or the GPU's (the same methods)
         self.reset_parameters()
-        self.num_batches_tracked: int = 0
         self.training: bool = True
         self.grad_gamma: Array | None = None
         self.grad_beta: Array | None = None
@@ -184,6 +183,19 @@ class BatchNorm:
     def comm(self) -> Comm | None:
         """The MPI communicator the training statistics span, or None."""
         return None if self._collective is None else self._collective.comm
+
+    @property
+    def num_batches_tracked(self) -> int:
+        """Updates of the running statistics so far (torch's). On the GPU it
+        is counted on the device: reading it waits for the device, and warns
+        about the batches skipped since the last read (docs/gpu.md)."""
+        return self._tracked.read()
+
+    @num_batches_tracked.setter
+    def num_batches_tracked(self, value: int) -> None:
+        if "_tracked" in self.__dict__:
+            self._tracked.read()  # (warnings pending on the GPU come now)
+        self._tracked = self._backend.counter(int(value))
 
     @property
     def device(self) -> Device:
@@ -250,12 +262,14 @@ class BatchNorm:
         backend = _backend(device)
         if backend is self._backend:
             return self
+        tracked = self.num_batches_tracked
         for name in ("_gamma", "_beta", "_running_mean", "_running_var", "grad_gamma",
                      "grad_beta"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, backend.put(value))
         self._backend, self._saved = backend, None
+        self.num_batches_tracked = tracked
         return self
 
     def state_dict(self) -> dict[str, NDArray[Any]]:
@@ -339,10 +353,10 @@ class BatchNorm:
             self._saved = _Saved(x, None, [], batch_stats, False, False)
             return out
         if not batch_stats:
-            invstd = b.evaluate(x, self.axis, self.running_mean, self.running_var, self.gamma,
-                                self.beta, self.eps, self.activation is not None, out)
-            saved = [_Group(None, b.stats(self.running_mean, "running_mean", self.num_features),
-                            invstd, self.gamma, None, None)]
+            mean, invstd = b.evaluate(x, self.axis, self.running_mean, self.running_var,
+                                      self.gamma, self.beta, self.eps,
+                                      self.activation is not None, out)
+            saved = [_Group(None, mean, invstd, self.gamma, None, None)]
         else:
             saved = []
             for i, part in enumerate(groups):
@@ -371,7 +385,7 @@ class BatchNorm:
         return parts
 
     def _factor(self):
-        return 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+        return self._tracked.factor(self.momentum)
 
     def _train_group(self, x, out, part, first, synced):
         """Training forward of one group: statistics, running update, output.
@@ -406,16 +420,14 @@ class BatchNorm:
         else:
             self._count(tracking, tracking and b.update_running(
                 self.running_mean, self.running_var, mean, var, count, self._factor()))
-        invstd = b.evaluate(xg, self.axis, mean, var, weight, bias, self.eps, relu, og) \
+        invstd = b.evaluate(xg, self.axis, mean, var, weight, bias, self.eps, relu, og)[1] \
             if xg.size else b.invstd(var, self.eps)
         return _Group(part, mean, invstd, weight, correction, count)
 
     def _count(self, tracking, updated):
-        if updated:
-            self.num_batches_tracked += 1
-        elif tracking:
-            warn_not_finite(4, "moving statistics" if self._correction is not None
-                            else "running statistics")
+        what = "moving statistics" if self._correction is not None else "running statistics"
+        if tracking and not self._tracked.record(updated, what):
+            warn_not_finite(4, what)
 
     # --- backward ---------------------------------------------------------------
     def backward(self, dy: ArrayIn, out: ArrayOut | None = None) -> Array:

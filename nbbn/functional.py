@@ -39,7 +39,9 @@ def batch_norm(x: ArrayIn, running_mean: ArrayOut | None = None,
     running_mean, running_var : ndarray of shape (C,), optional
         Used to normalize when ``training`` is False; updated in place when
         it is True (``(1 - momentum) * running + momentum * batch``, the
-        variance unbiased), unless the batch statistics are not finite.
+        variance unbiased), unless the batch statistics are not finite (a
+        ``RuntimeWarning`` says so; for device arrays, at
+        ``nbbn.gpu.sync()``: docs/gpu.md).
     weight, bias : array_like of shape (C,), optional
         gamma and beta.
     training : bool
@@ -108,21 +110,23 @@ def _forward(x, running_mean, running_var, weight, bias, training, momentum, eps
         undefined = backend.full(channels, np.nan, np.float64)
         return out, undefined, undefined
     if not training:
-        invstd = backend.evaluate(x, axis, running_mean, running_var, weight, bias, eps, relu,
-                                  out)
-        mean = backend.stats(running_mean, "running_mean", channels) if want_mean else None
-        return out, mean, invstd
+        mean, invstd = backend.evaluate(x, axis, running_mean, running_var, weight, bias, eps,
+                                        relu, out)
+        return out, mean if want_mean else None, invstd
     mean, _, invstd, updated = backend.train(x, axis, running_mean, running_var, momentum,
                                              weight, bias, eps, relu, out)
-    if running_mean is not None and not updated:
+    if running_mean is not None and updated is not None and not updated:
         warn_not_finite(3)
     return out, mean, invstd
 
 
-def warn_not_finite(stacklevel, what="running statistics"):
-    """Say that a batch with NaN or Inf left the running statistics as they were."""
-    warnings.warn(f"batch statistics are not finite (NaN or Inf in the input): {what} were "
-                  "not updated", RuntimeWarning, stacklevel=stacklevel + 1)
+def warn_not_finite(stacklevel, what="running statistics", batches=None):
+    """Say that a batch with NaN or Inf left the running statistics as they
+    were; ``batches``: so many, found when the GPU was read (docs/gpu.md)."""
+    found = "" if batches is None else (f" in {batches} batch{'es' if batches > 1 else ''} "
+                                        "since the GPU was last read")
+    warnings.warn(f"batch statistics are not finite (NaN or Inf in the input){found}: {what} "
+                  "were not updated", RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def batch_norm_backward(dy: ArrayIn, x: ArrayIn, mean: ArrayIn, invstd: ArrayIn,

@@ -11,8 +11,10 @@ Importing :func:`small_launch` and :func:`fast_switching` into a test file
 makes them autouse there: launch constants patched small, so that the
 simulator (one Python thread per CUDA thread) stays fast and every merge path
 is exercised, and a short GIL switch interval, since the simulator's threads
-meet at every ``syncthreads``.
+meet at every ``syncthreads``. The :func:`activity` fixture counts what calls
+do with the (simulated) device.
 """
+import collections
 import os
 import re
 import subprocess
@@ -127,3 +129,69 @@ def simulator_run(test_file, min_passed):
 def assert_same(a, b):
     """Bitwise equality of NumPy or device arrays."""
     np.testing.assert_array_equal(host(a), host(b))
+
+
+@pytest.fixture
+def activity(monkeypatch):
+    """:func:`count_activity` for the test."""
+    return count_activity(monkeypatch)
+
+
+def count_activity(monkeypatch):
+    """A ``collections.Counter`` of what the host does with the simulated
+    device from now on (until ``monkeypatch`` undoes its patches):
+    ``launches`` (kernels), ``allocations`` (device or pinned arrays:
+    ``device_array`` and the like, ``to_device`` without ``to=``), ``reads``
+    (device to host: ``copy_to_host``, reading an element, NumPy's array
+    interfaces), ``writes`` (host to device into an existing array) and
+    ``syncs``. Kernels' own accesses are not counted."""
+    from numba import cuda
+    from numba.cuda.simulator import kernel
+    from numba.cuda.simulator.cudadrv import devicearray
+
+    counts = collections.Counter()
+
+    def host():
+        return kernel._get_kernel_context() is None
+
+    def counted(what, fn, when=lambda *args, **kwargs: True):
+        def wrapper(*args, **kwargs):
+            if host() and when(*args, **kwargs):
+                counts[what] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("device_array", "device_array_like", "mapped_array", "managed_array",
+                 "pinned_array", "pinned_array_like"):
+        if hasattr(cuda, name):
+            monkeypatch.setattr(cuda, name, counted("allocations", getattr(cuda, name)))
+    monkeypatch.setattr(cuda, "to_device", counted("allocations", cuda.to_device,
+                                                   lambda *a, to=None, **k: to is None))
+    monkeypatch.setattr(cuda, "synchronize", counted("syncs", cuda.synchronize))
+    fake = devicearray.FakeCUDAArray
+    monkeypatch.setattr(fake, "copy_to_host", counted("reads", fake.copy_to_host))
+    monkeypatch.setattr(fake, "copy_to_device", counted("writes", fake.copy_to_device))
+    getitem, getattr_ = fake.__getitem__, fake.__getattr__
+
+    def get_item(self, index):
+        item = getitem(self, index)
+        if host() and not isinstance(item, fake):
+            counts["reads"] += 1
+        return item
+
+    def get_attr(self, name):
+        if host() and name in ("__array__", "__array_interface__", "__array_struct__"):
+            counts["reads"] += 1
+        return getattr_(self, name)
+
+    monkeypatch.setattr(fake, "__getitem__", get_item)
+    monkeypatch.setattr(fake, "__getattr__", get_attr)
+    call = kernel.FakeCUDAKernel.__call__
+
+    def launch(self, *args):
+        if not self._device:
+            counts["launches"] += 1
+        return call(self, *args)
+
+    monkeypatch.setattr(kernel.FakeCUDAKernel, "__call__", launch)
+    return counts

@@ -6,8 +6,9 @@ tests/cudasim.py for how a plain ``python -m pytest`` runs them anyway (in a
 subprocess with NUMBA_ENABLE_CUDASIM=1), with small launch constants.
 """
 import os
-import textwrap
 import sys
+import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ from nbbn.functional import batch_norm_backward, native_batch_norm
 #: SHAPES plus the rows-layout corners of the small launch: narrow rows
 #: shared by several lanes, one column, channels of several columns.
 GPU_SHAPES = SHAPES + [((10, 2), 1), ((9, 3, 3), 1), ((7, 1), -1)]
-test_simulator_run = simulator_run(__file__, min_passed=51)
+test_simulator_run = simulator_run(__file__, min_passed=83)
 
 
 def assert_close(actual, expected, dtype):
@@ -201,14 +202,85 @@ def test_non_finite_batch_skips_the_running_update(rng):
     x = random_input(rng, (4, 3, 5), np.float32)
     x[1, 2, 3] = np.nan
     gpu, cpu = nbbn.BatchNorm(3, device="cuda"), nbbn.BatchNorm(3)
-    with pytest.warns(RuntimeWarning, match="not finite"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the forward does not read the device back
         y = host(gpu(x))
     with pytest.warns(RuntimeWarning, match="not finite"):
         y_cpu = cpu(x)
     np.testing.assert_array_equal(np.isnan(y), np.isnan(y_cpu))
-    assert gpu.num_batches_tracked == 0
-    for k, v in gpu.state_dict().items():
+    with pytest.warns(RuntimeWarning, match=r"not finite \(NaN or Inf in the input\) in 1 "
+                                            "batch since the GPU was last read: running"):
+        assert gpu.num_batches_tracked == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        state = gpu.state_dict()
+    for k, v in state.items():
         np.testing.assert_array_equal(v, cpu.state_dict()[k])
+
+
+#: The points that read a GPU layer's counts, each of which warns about the
+#: non-finite batches since the last one.
+READS = {"num_batches_tracked": lambda bn: bn.num_batches_tracked,
+         "state_dict": lambda bn: bn.state_dict(), "to('cpu')": lambda bn: bn.to("cpu"),
+         "nbbn.gpu.sync": lambda bn: nbbn.gpu.sync(),
+         "reset_running_stats": lambda bn: bn.reset_running_stats()}
+
+
+@here
+@pytest.mark.parametrize("read", READS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_nan_batches_are_counted_on_the_device_and_said_at_the_next_read(rng, read, momentum):
+    import nbbn.gpu
+    gpu = nbbn.BatchNorm(3, momentum=momentum, device="cuda")
+    cpu = nbbn.BatchNorm(3, momentum=momentum)
+    bad = random_input(rng, (4, 3, 5), np.float32)
+    bad[0, 1, 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x in (random_input(rng, (4, 3, 5), np.float32), bad, bad,
+                  random_input(rng, (4, 3, 5), np.float32)):
+            gpu(x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cpu(x)
+    with pytest.warns(RuntimeWarning, match="in 2 batches since the GPU was last read"):
+        READS[read](gpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if read == "reset_running_stats":  # (the skips were said before the reset)
+            assert gpu.num_batches_tracked == 0
+            return
+        assert gpu.num_batches_tracked == cpu.num_batches_tracked == 2  # (the cumulative
+        for k, v in gpu.state_dict().items():  # average skips them too)
+            np.testing.assert_allclose(v, cpu.state_dict()[k], rtol=1e-6)
+
+
+@here
+def test_functional_nan_batch_with_device_or_numpy_statistics(rng):
+    """Device running statistics: skipped on the device, said at nbbn.gpu.sync();
+    NumPy ones: copied back in the call, which says it at once, as on the CPU."""
+    import nbbn.gpu
+    x = random_input(rng, (4, 3, 5), np.float64)
+    x[2, 0, 1] = np.nan
+    x_d = _cuda.to_device(x)
+    rm, rv = _cuda.to_device(np.zeros(3)), _cuda.to_device(np.ones(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nbbn.batch_norm(x_d, rm, rv, training=True)
+    with pytest.warns(RuntimeWarning, match="in 1 batch since the GPU was last read"):
+        nbbn.gpu.sync()
+    np.testing.assert_array_equal(host(rm), 0)
+    np.testing.assert_array_equal(host(rv), 1)
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.warns(RuntimeWarning, match=r"not finite \(NaN or Inf in the input\): running"):
+        nbbn.batch_norm(x_d, rm, rv, training=True)
+    np.testing.assert_array_equal(rm, 0)
+    x[2, 0, 1] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nbbn.batch_norm(_cuda.to_device(x), rm, rv, training=True)
+        nbbn.gpu.sync()
+    np.testing.assert_allclose(rm, naive.batch_norm(x, np.zeros(3), np.ones(3), training=True)[1])
 
 
 @here
@@ -224,8 +296,10 @@ def test_bad_input_changes_nothing(rng):
         (ValueError, "out must have shape", x, {"out": cuda.device_array((4, 3), np.float32)}),
         (TypeError, "out must have dtype float32", x, {"out": cuda.device_array(x.shape)}),
         (TypeError, "out must be a device array", x, {"out": np.empty_like(x)}),
-        (ValueError, "C-contiguous on the device", cuda.to_device(np.ones((3, 4), np.float32)).T,
-         {}),
+        # a strided view of device memory (slicing with a step: a view on a GPU
+        # too, where DeviceNDArray.T copies)
+        (ValueError, "C-contiguous on the device",
+         cuda.to_device(np.ones((4, 6), np.float32))[:, ::2], {}),
     ]
     for error, match, bad, kwargs in cases:
         with pytest.raises(error, match=match):
@@ -252,7 +326,8 @@ def test_bad_input_changes_nothing(rng):
 
 
 @here
-@pytest.mark.parametrize("shape,axis", [((3, 2, 37), 1), ((13, 3), -1), ((9, 3, 3), 1)])
+@pytest.mark.parametrize("shape,axis", [((3, 2, 37), 1), ((13, 3), -1), ((9, 3, 3), 1),
+                                        ((5, 3, 2), 1), ((6, 5), -1)])
 def test_results_do_not_depend_on_threads_per_block(rng, monkeypatch, shape, axis):
     x, dy = random_input(rng, shape, np.float64), random_input(rng, shape, np.float64)
     results = []
@@ -278,6 +353,66 @@ def test_numerical_traps(rng, dtype):
     # variance condition number ~1e12: float64 references agree to ~1e-11 only
     np.testing.assert_allclose(host(invstd), ref[4], rtol=max(RTOL[dtype], 1e-10))
     np.testing.assert_allclose(y[:, 1], ref[0][:, 1], rtol=1e-3, atol=1e-3)
+
+
+#: (shape, axis, ROW_TILE): the channel layout with parts across planes
+#: (planes wider than LANES, then narrower: a lane steps over a plane or more),
+#: rows whose parts are capped at LANES (longer runs), channels last over two
+#: tiles of columns.
+LONG_RUNS = [((7, 2, 9), 1, 32), ((7, 2, 3), 1, 2), ((150, 2), 1, 32), ((9, 4, 5), -1, 32)]
+
+
+@pytest.fixture
+def long_runs(monkeypatch):
+    """Lanes of about 11 values: four loads at a time, then the rest."""
+    monkeypatch.setattr(_cuda, "ELEMENTS_PER_LANE", 11)
+    return lambda row_tile: monkeypatch.setattr(_cuda, "ROW_TILE", row_tile)
+
+
+@here
+@pytest.mark.parametrize("shape,axis,row_tile", LONG_RUNS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_variance_at_a_large_offset_and_a_constant_channel(rng, long_runs, shape, axis,
+                                                           row_tile, dtype):
+    """Lanes' sums of deviations from their first value, then Chan merges:
+    the variance at mean 1e7 to 1e-9 (relative) of the float64 reference's,
+    a constant channel exactly (mean 1e7, variance 0, output 0); the same
+    bits again."""
+    long_runs(row_tile)
+    x = (1e7 + rng.standard_normal(shape) * 3).astype(dtype)
+    np.moveaxis(x, axis, 0)[0] = 1e7
+    x_d = _cuda.to_device(x)
+    mean, var = _cuda.GPU.moments(x_d, axis)
+    sample_axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    ref = np.var(x.astype(np.float64), axis=sample_axes)
+    assert host(mean)[0] == 1e7 and host(var)[0] == 0
+    np.testing.assert_allclose(host(var)[1:], ref[1:], rtol=1e-9)
+    np.testing.assert_allclose(host(mean), np.mean(x.astype(np.float64), axis=sample_axes),
+                               rtol=1e-15)
+    y, _, _ = gpu_forward(x, None, None, None, None, True, 0.1, 1e-5, axis=axis)
+    assert (np.moveaxis(host(y), axis, 0)[0] == 0).all()
+    again = _cuda.GPU.moments(x_d, axis)
+    np.testing.assert_array_equal(host(again[1]), host(var))
+
+
+@here
+@pytest.mark.parametrize("shape,axis,row_tile", LONG_RUNS)
+def test_long_runs_match_cpu(rng, long_runs, shape, axis, row_tile):
+    long_runs(row_tile)
+    x, dy = random_input(rng, shape, np.float32), random_input(rng, shape, np.float32)
+    mask = random_input(rng, shape, np.float32)
+    y, mean, invstd = gpu_forward(x, None, None, None, None, True, 0.1, 1e-5, axis=axis,
+                                  activation="relu")
+    y_cpu, mean_cpu, invstd_cpu = native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5,
+                                                    axis=axis, activation="relu")
+    assert_close(y, y_cpu, np.float32)
+    for training in (True, False):
+        grads = gpu_backward(dy, x, mean, invstd, None, training, axis=axis, y=mask,
+                             activation="relu")
+        grads_cpu = batch_norm_backward(dy, x, mean_cpu, invstd_cpu, None, training, axis=axis,
+                                        y=mask, activation="relu")
+        for gpu, cpu in zip(grads, grads_cpu):
+            assert_close(gpu, cpu, np.float32)
 
 
 @here
@@ -313,18 +448,28 @@ def test_torch_cuda_tensors():
 
 
 @here
-@pytest.mark.filterwarnings("ignore:Simulator timings are bogus")
 def test_benchmark_runs(monkeypatch):
-    from nbbn.programs.cuda_bench import benchmark
+    """Every part of the run (cases with eval, per-call rows, the copy
+    bandwidth); on the simulator nothing is timed (NaN), torch is left out."""
+    from nbbn.programs.cuda_bench import benchmark, format_table
     if SIMULATOR:
         monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
-    res = benchmark((2, 3, 4, 4), repeat=1)
-    assert res["nbbn_forward"] >= 0 and (res["torch_forward"] is None or not SIMULATOR)
-    assert {"nbbn_backward", "copy_bandwidth", "forward_roofline", "backward_roofline"} <= set(res)
+    res = benchmark([((2, 3, 4, 4), 1), ((3, 2, 4), -1)], repeat=1,
+                    calls=[("functional train", (4, 3)), ("layer forward+backward", (4, 3, 2))])
+    assert set(res["bandwidth"]) == {"memcpy", "kernel", "best"}
+    assert [r["shape"] for r in res["cases"]] == [(2, 3, 4, 4), (3, 2, 4)]
+    for r in res["cases"]:
+        assert set(r["nbbn"]) == set(r["roofline"]["nbbn"]) == {"train", "eval", "backward"}
+        assert (r["torch"] is None) == SIMULATOR
+    assert [r["call"] for r in res["per_call"]] == ["functional train", "layer forward+backward"]
+    times = [t for r in res["cases"] for t in r["nbbn"].values()] + [r["nbbn"] for r in
+                                                                     res["per_call"]]
+    assert all(np.isnan(t) for t in times) if SIMULATOR else all(t > 0 for t in times)
+    table = format_table(res)
+    assert "| (3, 2, 4) | -1 | eval |" in table and "| layer forward+backward | (4, 3, 2) |" in table
 
 
 @here
-@pytest.mark.filterwarnings("ignore:Simulator timings are bogus")
 def test_bench_command_on_the_gpu(monkeypatch, capsys, tmp_path):
     from nbbn.__main__ import main
     if SIMULATOR:
@@ -333,5 +478,7 @@ def test_bench_command_on_the_gpu(monkeypatch, capsys, tmp_path):
     assert main(["bench", "--device", "cuda", "--shapes", "2x3x4x4", "--repeat", "1",
                  "--json", str(path)]) == 0
     table = capsys.readouterr().out
-    assert "| (2, 3, 4, 4) | forward-train |" in table and "| (2, 3, 4, 4) | backward |" in table
-    assert "nbbn_backward" in path.read_text()
+    for op in ("train", "eval", "backward"):
+        assert f"| (2, 3, 4, 4) | 1 | {op} |" in table
+    assert "Per call" not in table  # (the default run only)
+    assert '"backward"' in path.read_text() and '"bandwidth"' in path.read_text()

@@ -17,7 +17,7 @@ from cudasim import (assert_same, gpu_backward, gpu_forward, here, host, simulat
 from nbbn.gpu import backend as _cuda
 from nbbn.functional import batch_norm_backward, native_batch_norm
 
-test_simulator_run = simulator_run(__file__, min_passed=30)
+test_simulator_run = simulator_run(__file__, min_passed=50)
 
 TOL = {np.float32: dict(rtol=1e-5, atol=2e-5), np.float64: dict(rtol=1e-12, atol=1e-12)}
 #: A planes shape (plane >= LANES = 4), a rows shape, channels last.
@@ -155,13 +155,13 @@ def test_ghost_device_input_out_and_nan_group(rng):
     gpu = nbbn.BatchNorm(3, dtype=np.float64, virtual_batch_size=2, device="cuda")
     cpu = nbbn.BatchNorm(3, dtype=np.float64, virtual_batch_size=2)
     x_d, out = _cuda.to_device(x), _cuda.cuda().device_array(x.shape)
-    with pytest.warns(RuntimeWarning, match="not finite"):
-        y = gpu(x_d, out=out)
+    y = gpu(x_d, out=out)  # the skip is counted on the device, said when read
     with pytest.warns(RuntimeWarning, match="not finite"):
         y_cpu = cpu(x)
     assert _cuda.shares_memory(y, out)
     np.testing.assert_array_equal(np.isnan(host(y)), np.isnan(y_cpu))
-    assert gpu.num_batches_tracked == cpu.num_batches_tracked == 2
+    with pytest.warns(RuntimeWarning, match="not finite .* in 1 batch since the GPU"):
+        assert gpu.num_batches_tracked == cpu.num_batches_tracked == 2
     assert_layers_match(gpu, cpu, np.float64)
     np.testing.assert_array_equal(host(x_d), x)
     with pytest.raises(TypeError, match="out must be a device array"):
@@ -249,10 +249,11 @@ def test_renorm_nan_batch_skips_the_moving_update(rng):
     x[1, 2, 0] = np.inf
     gpu = nbbn.BatchRenorm(3, device="cuda")
     state = gpu.state_dict()
-    with pytest.warns(RuntimeWarning, match="moving statistics were not updated"):
-        y = host(gpu(x))
+    y = host(gpu(x))
     assert np.isnan(y[:, 2]).all() and np.isfinite(y[:, :2]).all()
-    assert gpu.num_batches_tracked == 0
+    with pytest.warns(RuntimeWarning, match="1 batch since the GPU was last read: moving "
+                                            "statistics were not updated"):
+        assert gpu.num_batches_tracked == 0
     for k, v in gpu.state_dict().items():
         np.testing.assert_array_equal(v, state[k])
 

@@ -5,26 +5,81 @@ interface the layers and ``nbbn.functional`` use, :class:`GPU`).
 
 ``numba.cuda`` is imported on the first GPU call, never by ``import nbbn``.
 Launch constants live here, read at call time (tests patch them small for
-the simulator). Results depend on the shape and on ``LANES`` and
-``ELEMENTS_PER_LANE``, never on ``THREADS_PER_BLOCK`` or the device.
+the simulator). Results depend on the shape and on ``LANES``,
+``ELEMENTS_PER_LANE`` and ``ROW_TILE``, never on ``THREADS_PER_BLOCK`` or
+the device.
+
+Steady-state calls allocate no device memory and never wait for the
+device: outputs come from a :class:`~nbbn.gpu.memory.Pool`, scratch from a
+per-thread :class:`Workspace` of each shape, and the running update, its
+finiteness check and ``num_batches_tracked`` stay on the device
+(:class:`Counter`); the host reads them only when asked (docs/gpu.md).
 """
+import importlib
+import importlib.util
 import math
+import threading
 import types
+import weakref
 from typing import NamedTuple
 
 import numpy as np
 
 from .. import _validation as check
+from ..functional import warn_not_finite
 
 #: Threads of every block (results do not depend on it).
 THREADS_PER_BLOCK = 256
 #: Logical lanes of a block's reduction; a power of two, at most
 #: ``nbbn.gpu.kernels.MAX_LANES``. Each thread plays ``LANES / THREADS_PER_BLOCK`` lanes.
 LANES = 256
-#: Elements one lane reduces into a partial state.
-ELEMENTS_PER_LANE = 16
+#: Values one lane takes in a part (about; the parts of a channel are even).
+ELEMENTS_PER_LANE = 32
+#: Columns of a block of the rows layout (at most ``LANES``): a warp's worth,
+#: so that a warp reads one row's consecutive columns. Planes of at least
+#: ``min(ROW_TILE, LANES)`` values take the channel layout instead.
+ROW_TILE = 32
 
 _cuda = None
+_pool = None
+_simulated = False
+#: numba-cuda's module that names ``np.row_stack`` (see :func:`_import_numba_cuda`).
+ARRAYOBJ = "numba.cuda.np.arrayobj"
+
+
+def _import_numba_cuda():
+    """``numba.cuda``, made to compile under NumPy 2.5 if it can be.
+
+    numba-cuda (0.30.4, the newest) registers its ``np.vstack`` overload for
+    ``np.row_stack`` too when it first compiles a kernel; NumPy 2.5 removed
+    ``row_stack``, so that first compile raises ``AttributeError`` (numba-cuda
+    issue 907). Where NumPy has no ``row_stack`` and ``numba.cuda`` is
+    numba-cuda (it has :data:`ARRAYOBJ`; numba's built-in target has not, nor
+    needs it), that module is imported now, with ``numpy.row_stack`` set to
+    ``numpy.vstack`` for the import only. If it still fails: a RuntimeError
+    naming the fix.
+    """
+    from numba import cuda as module
+    if (hasattr(np, "row_stack") or _is_simulator()
+            or importlib.util.find_spec(ARRAYOBJ.rpartition(".")[0]) is None):
+        return module
+    np.row_stack = np.vstack
+    try:
+        importlib.import_module(ARRAYOBJ)
+    except Exception as e:
+        raise RuntimeError(
+            f"numba's CUDA target fails to load under NumPy {np.__version__} ({e!r}); "
+            "install a NumPy it supports: pip install 'numpy<2.5' (or pip install "
+            "'nbbn[cuda]', which does)") from e
+    finally:
+        del np.row_stack
+    return module
+
+
+def _is_simulator():
+    """Whether ``numba.cuda`` is numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
+    from numba.cuda.cudadrv import devicearray
+    return ".simulator" in devicearray.__name__
 
 
 def cuda():
@@ -33,13 +88,13 @@ def cuda():
     Raises
     ------
     RuntimeError
-        If numba has no CUDA target, or neither a GPU nor the simulator
-        (``NUMBA_ENABLE_CUDASIM=1``) is available.
+        If numba has no CUDA target, or it cannot load under this NumPy, or
+        neither a GPU nor the simulator (``NUMBA_ENABLE_CUDASIM=1``) is available.
     """
-    global _cuda
+    global _cuda, _pool, _simulated
     if _cuda is None:
         try:
-            from numba import cuda as module
+            module = _import_numba_cuda()
         except ImportError as e:
             raise RuntimeError("device='cuda' needs numba's CUDA target: "
                                "pip install 'nbbn[cuda]'") from e
@@ -49,6 +104,9 @@ def cuda():
                 "device='cuda' was requested but no CUDA GPU is available "
                 f"(numba.cuda.is_available() is False: {reason}); set NUMBA_ENABLE_CUDASIM=1 "
                 "before numba is imported to run on numba's CUDA simulator")
+        from .memory import Pool
+        _simulated = _is_simulator()
+        _pool = Pool(module, _simulated)
         _cuda = module
     return _cuda
 
@@ -65,6 +123,32 @@ def _channels():
     return cuda_channel_kernels
 
 
+_contexts = {}  # id -> context: kept, so that an id names one context
+
+
+def _device():
+    """A key of the current device's context (numba's simulator has one)."""
+    if _simulated:
+        return 0
+    context = cuda().current_context()
+    _contexts.setdefault(id(context), context)
+    return id(context)
+
+
+def take(shape, dtype):
+    """A device array from the pool (see ``nbbn.gpu.memory``)."""
+    cuda()
+    return _pool.take(shape, dtype, _device())
+
+
+def empty_cache():
+    """Free the device memory nbbn keeps for reuse: the pool's free arrays and
+    this thread's workspaces. Later calls allocate them again."""
+    if _pool is not None:
+        _pool.clear()
+    _local.__dict__.clear()
+
+
 is_device_array = check.is_device_array
 
 
@@ -73,11 +157,21 @@ def _device_view(a):
     return a if getattr(a, "__cuda_ndarray__", False) else cuda().as_cuda_array(a)
 
 
+def _upload(a):
+    """A device copy (from the pool) of NumPy array ``a``."""
+    a = np.ascontiguousarray(a)
+    if not a.size:
+        return cuda().to_device(a)
+    d = take(a.shape, a.dtype)
+    d.copy_to_device(a)
+    return d
+
+
 def as_input(x, name="x"):
     """``x`` as a float32/float64 C-contiguous device array; NumPy input
     (anything not on the device) is validated as on the CPU and copied."""
     if not is_device_array(x):
-        return cuda().to_device(check.as_array(x, name))
+        return _upload(check.as_array(x, name))
     a = _device_view(x)
     if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
@@ -97,12 +191,46 @@ def to_host(a):
     return _device_view(a).copy_to_host() if is_device_array(a) else np.array(a)
 
 
+def _grid(n):
+    return max(1, -(-n // THREADS_PER_BLOCK))
+
+
+_specialized = {}  # (kernel, kinds of the arguments) -> kernel.specialize(*arguments)
+_configured = {}  # (kernel, grid, threads) -> the configured kernel, kernel[grid, threads]
+
+
+def _kind(a):
+    """What decides numba's type of a kernel argument, cheaply: an array's
+    dtype, shape and strides (its layout follows), or a scalar's Python type."""
+    strides = getattr(a, "strides", None)
+    return type(a) if strides is None else (a.dtype, a.shape, strides)
+
+
+def _launch(kernel, grid, *args):
+    """Launch ``kernel`` on ``grid`` blocks of ``THREADS_PER_BLOCK`` threads.
+
+    The kernel is specialized for its arguments' types once (numba's
+    ``specialize``: later launches skip typing each argument) and configured
+    once per grid."""
+    key = (kernel, *map(_kind, args))
+    specialized = _specialized.get(key)
+    if specialized is None:
+        specialized = _specialized[key] = kernel.specialize(*args)
+    key = (specialized, grid, THREADS_PER_BLOCK)
+    launcher = _configured.get(key)
+    if launcher is None:
+        launcher = specialized[grid, THREADS_PER_BLOCK]
+        if launcher is not specialized:  # (numba's simulator configures the kernel itself)
+            _configured[key] = launcher
+    launcher(*args)
+
+
 def astype(a, dtype):
     """Device array ``a`` (1-D) in ``dtype`` (``a`` itself if it has it)."""
     if a.dtype == dtype:
         return a
-    out = cuda().device_array(a.shape, dtype)
-    _channels().cast[_grid(a.shape[0]), THREADS_PER_BLOCK](a, out)
+    out = take(a.shape, dtype)
+    _launch(_channels().cast, _grid(a.shape[0]), a, out)
     return out
 
 
@@ -126,16 +254,12 @@ def meta(x):
     return types.SimpleNamespace(ndim=x.ndim, shape=tuple(x.shape), size=x.size)
 
 
-def _grid(n):
-    return max(1, -(-n // THREADS_PER_BLOCK))
-
-
 def _vector(v, name, channels):
     """A per-channel (C,) device vector (NumPy input: float64 copy), or None."""
     if v is None:
         return None
     if not is_device_array(v):
-        return cuda().to_device(check.channel_vector(v, name, channels))
+        return _upload(check.channel_vector(v, name, channels))
     a = _device_view(v)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real array, got dtype {a.dtype}")
@@ -166,7 +290,7 @@ def _running_stats(mean, var, channels):
 def _output(out, x):
     """``out`` checked against ``x`` (a device array like it), or a new one."""
     if out is None:
-        return cuda().device_array(x.shape, x.dtype)
+        return take(x.shape, x.dtype)
     if not is_device_array(out):
         raise TypeError(f"out must be a device array when the input is on the GPU, "
                         f"got {type(out).__name__}")
@@ -185,23 +309,20 @@ def _check_like(a, x, name):
 
 
 class Plan(NamedTuple):
-    """How an input is viewed and cut into blocks (see ``nbbn.gpu.kernels``).
+    """How an input is cut into blocks: ``geo`` is the kernels' geometry
+    (see ``nbbn.gpu.kernels``), ``columns`` and ``parts`` the shape of the
+    partial states, ``tiles * parts`` the blocks."""
 
-    ``step`` is the chunk of a plane (planes) or the rows of a chunk (rows);
-    ``states`` the partial states per channel; ``merge`` the
-    ``(stride, size, total)`` that give each state's count.
-    """
-
-    view: tuple
-    planes: bool
+    geo: tuple
     channels: int
-    inner: int
-    count: int
-    lanes: int
-    step: int
-    blocks: int
-    states: int
-    merge: tuple
+    count: int  # values per channel
+    tiles: int
+    parts: int
+    columns: int
+
+    @property
+    def blocks(self):
+        return self.tiles * self.parts
 
 
 def plan_of(shape, axis):
@@ -209,88 +330,143 @@ def plan_of(shape, axis):
     lanes = LANES
     if lanes & (lanes - 1) or not 1 <= lanes <= _kernels().MAX_LANES:
         raise ValueError(f"LANES must be a power of two <= {_kernels().MAX_LANES}, got {lanes}")
+    tile = min(ROW_TILE, lanes)
     channels = shape[axis]
     count = math.prod(shape) // channels
     inner = math.prod(shape[2:]) if axis == 1 else 1
-    if axis == 1 and len(shape) > 2 and inner >= lanes:
-        chunk = lanes * ELEMENTS_PER_LANE
-        k = -(-inner // chunk)
-        return Plan((shape[0], channels, inner), True, channels, inner, count, lanes, chunk,
-                    shape[0] * channels * k, shape[0] * k, (1, chunk, inner))
-    rows = shape[0] if axis == 1 else count
-    width = channels * inner
-    group = max(1, lanes // width)
-    rows_per_chunk = ELEMENTS_PER_LANE * group
-    chunks = -(-rows // rows_per_chunk)
-    tiles = -(-width // min(width, lanes))
-    return Plan((rows, width), False, channels, inner, count, lanes, rows_per_chunk,
-                tiles * chunks, chunks * inner, (inner, rows_per_chunk, rows))
+    if axis == 1 and len(shape) > 2 and inner >= tile:  # the channel layout
+        extent = shape[0] * inner
+        parts = -(-extent // (lanes * ELEMENTS_PER_LANE))
+        chunk = -(-extent // parts)
+        parts = -(-extent // chunk)
+        geo = (1, channels, inner, channels * inner, extent, 1, lanes, chunk, parts, 1, lanes)
+        return Plan(geo, channels, count, channels, parts, channels)
+    rows, width = count // inner, channels * inner
+    span = width if width <= tile else tile // inner * inner
+    group = lanes // span
+    chunk = group * ELEMENTS_PER_LANE
+    if -(-rows // chunk) > lanes:  # at most LANES parts (a short merge), longer runs
+        per_part = -(-rows // lanes)
+        chunk = -(-per_part // group) * group
+    parts = -(-rows // chunk)
+    geo = (0, channels, inner, width, rows, span, group, chunk, parts, inner, lanes)
+    return Plan(geo, channels, count, -(-width // span), parts, width)
 
 
-def moments(x, plan):
-    """Per-channel mean and biased variance (float64 device vectors) of ``x``."""
-    cu, k, tpb = cuda(), _kernels(), THREADS_PER_BLOCK
-    v = x.reshape(plan.view)
-    means = cu.device_array((plan.channels, plan.states))
-    m2s = cu.device_array((plan.channels, plan.states))
-    if plan.planes:
-        k.plane_moments[plan.blocks, tpb](v, plan.step, plan.lanes, means, m2s)
-    else:
-        k.row_moments[plan.blocks, tpb](v, plan.step, plan.inner, plan.lanes, means, m2s)
-    mean, var = cu.device_array(plan.channels), cu.device_array(plan.channels)
-    k.merge_moments[plan.channels, tpb](means, m2s, *plan.merge, plan.lanes, mean, var)
-    return mean, var
+class Workspace:
+    """The scratch of the launches on one input shape, kept per thread and
+    device: partial states (their rows padded to 128 bytes, so that no two
+    columns share a cache line), tickets (zero between launches), gradient
+    sums, and copies of NumPy running statistics."""
+
+    def __init__(self, plan):
+        cu = cuda()
+        self.plan = plan
+        self.states = cu.device_array((2, plan.columns, -(-plan.parts // 16) * 16))
+        self.tickets = cu.to_device(np.zeros(plan.tiles + 1, np.int32))
+        self.sums = cu.device_array((2, plan.channels))
+        self.counts = cu.to_device(np.zeros(2, np.int64))  # NumPy running statistics' updates
+        self.updates = 0  # counts[0] when last read
+        self.staged, self.staged_rows = {}, {}
+
+    def stage(self, mean, var):
+        """Device copies of NumPy running statistics (float32 or float64; in
+        float64 if they differ, which rounds nothing back)."""
+        dtype = np.result_type(mean, var)
+        if dtype not in self.staged:
+            self.staged[dtype] = cuda().device_array((2, self.plan.channels), dtype)
+            self.staged_rows[dtype] = (self.staged[dtype][0], self.staged[dtype][1])
+        staged = self.staged[dtype]
+        staged.copy_to_device(np.stack([mean, var]).astype(dtype, copy=False))
+        return staged
 
 
-def _mask(mask, like, plan):
-    """``(mask, masked)`` kernel arguments: without a mask, ``like`` stands in
-    (never read)."""
-    return (like, False) if mask is None else (mask.reshape(plan.view), True)
+_local = threading.local()
 
 
-def affine(x, plan, mean, scale, shift, out, *, relu=False, mask=None):
-    """``out = (x - mean) * scale + shift`` per channel; then ``max(out, 0)``
-    with ``relu``, and 0 where ``mask > 0`` is false with a ``mask``."""
-    k, tpb = _kernels(), THREADS_PER_BLOCK
-    v, o = x.reshape(plan.view), out.reshape(plan.view)
-    m = _mask(mask, v, plan)
-    if plan.planes:
-        k.plane_affine[plan.blocks, tpb](v, mean, scale, shift, plan.step, bool(relu), *m, o)
-    else:
-        k.row_affine[plan.blocks, tpb](v, mean, scale, shift, plan.step, plan.inner,
-                                       plan.lanes, bool(relu), *m, o)
-    return out
+def workspace(shape, axis):
+    """This thread's :class:`Workspace` for inputs of ``shape`` on the current device."""
+    key = (_device(), shape, axis, LANES, ELEMENTS_PER_LANE, ROW_TILE)
+    spaces = _local.__dict__
+    ws = spaces.get(key)
+    if ws is None:
+        ws = spaces[key] = Workspace(plan_of(shape, axis))
+    return ws
 
 
-def grad_sums(x, dy, plan, mean, *, mask=None):
-    """Per-channel ``sum(g)`` and ``sum(g * (x - mean))`` (float64 device
-    vectors), ``g`` being ``dy``, or 0 where ``mask > 0`` is false."""
-    cu, k, tpb = cuda(), _kernels(), THREADS_PER_BLOCK
-    v, g = x.reshape(plan.view), dy.reshape(plan.view)
-    m = _mask(mask, v, plan)
-    s_dy = cu.device_array((plan.channels, plan.states))
-    s_dyx = cu.device_array((plan.channels, plan.states))
-    if plan.planes:
-        k.plane_grad_sums[plan.blocks, tpb](v, g, *m, mean, plan.step, plan.lanes, s_dy, s_dyx)
-    else:
-        k.row_grad_sums[plan.blocks, tpb](v, g, *m, mean, plan.step, plan.inner, plan.lanes,
-                                          s_dy, s_dyx)
-    a, b = cu.device_array(plan.channels), cu.device_array(plan.channels)
-    k.merge_sums[plan.channels, tpb](s_dy, s_dyx, plan.lanes, a, b)
-    return a, b
+def _flat(a):
+    return _pool.flat(a)
 
 
-def grad_input(dy, x, plan, a, b, c, mean, out, *, mask=None):
-    """``out = g * a + (x - mean) * b + c`` per channel, ``g`` as in :func:`grad_sums`."""
-    k, tpb = _kernels(), THREADS_PER_BLOCK
-    g, v, o = dy.reshape(plan.view), x.reshape(plan.view), out.reshape(plan.view)
-    m = _mask(mask, v, plan)
-    if plan.planes:
-        k.plane_grad_input[plan.blocks, tpb](g, v, *m, a, b, c, mean, plan.step, o)
-    else:
-        k.row_grad_input[plan.blocks, tpb](g, v, *m, a, b, c, mean, plan.step, plan.inner,
-                                           plan.lanes, o)
-    return out
+def _rows(a):
+    return _pool.rows(a)
+
+
+_pending = weakref.WeakSet()  # counters with batches the host has not read yet
+
+
+class Counter:
+    """``num_batches_tracked`` of a layer on the GPU: the running updates and
+    the skipped (non-finite) batches, two int64 on the device, counted by the
+    kernels that update the running statistics. Reading it (:meth:`read`)
+    copies them to the host and warns about the batches skipped since the
+    last read; nothing else waits for the device."""
+
+    def __init__(self, value=0):
+        self.counts = cuda().to_device(np.array([value, 0], np.int64))
+        self._value, self._skipped, self._what = value, 0, "running statistics"
+
+    def factor(self, momentum):
+        """The kernels' ``(momentum, counts)``; momentum -1: cumulative."""
+        return Factor(-1.0 if momentum is None else float(momentum), self.counts)
+
+    def record(self, updated, what):
+        """A launch may have counted a batch (``updated`` is None): it is read later."""
+        self._what = what
+        _pending.add(self)
+        return True
+
+    def read(self):
+        """The number of updates; warns if batches were skipped since the last read."""
+        if self in _pending:
+            _pending.discard(self)
+            updates, skipped = (int(v) for v in self.counts.copy_to_host())
+            self._value = updates
+            if skipped > self._skipped:
+                warn_not_finite(3, self._what, skipped - self._skipped)  # (the reader's caller)
+            self._skipped = skipped
+        return self._value
+
+
+class Factor(NamedTuple):
+    """The weight of a batch in the running statistics, worked out on the device."""
+
+    momentum: float
+    counts: object
+
+
+_functional = {}  # device -> Counter of nbbn.functional's device running statistics
+
+
+def _factor(factor):
+    """``(momentum, counts, counter)`` for the kernels from a layer's
+    :class:`Factor` (``counter`` None: the layer records) or a float (the
+    functional API's momentum: its counter records)."""
+    if isinstance(factor, Factor):
+        return factor.momentum, factor.counts, None
+    device = _device()
+    if device not in _functional:
+        _functional[device] = Counter()
+    counter = _functional[device]
+    return float(factor), counter.counts, counter
+
+
+def sync():
+    """Wait for the GPU, then warn about every batch whose statistics were not
+    finite since the device was last read (layers' and ``nbbn.functional``'s)."""
+    cuda().synchronize()
+    for counter in list(_pending):
+        counter.read()
 
 
 def _cpu_parameter(value, name, channels, dtype):
@@ -301,10 +477,13 @@ def _cpu_parameter(value, name, channels, dtype):
 class GPU:
     """Batch normalization on device arrays: the GPU twin of ``nbbn._cpu.CPU``,
     method for method. NumPy inputs are copied to the device; outputs and
-    per-channel statistics are Numba device arrays (float64 statistics)."""
+    per-channel statistics are Numba device arrays (float64 statistics).
+    A training forward is two launches, an evaluation forward one, a
+    backward two (``nbbn.gpu.kernels``)."""
 
     name = "cuda"
     check_available = staticmethod(cuda)
+    counter = Counter
 
     # --- arrays ---------------------------------------------------------------
     input = staticmethod(as_input)
@@ -350,115 +529,161 @@ class GPU:
         """The sum of per-channel device vectors, accumulated in float64 in order."""
         if len(vectors) == 1:
             return astype(vectors[0], dtype)
-        total = cuda().to_device(np.zeros(vectors[0].shape[0]))
-        for v in vectors:
-            _channels().accumulate[_grid(v.shape[0]), THREADS_PER_BLOCK](v, total)
+        total = take(vectors[0].shape, np.float64)
+        for i, v in enumerate(vectors):
+            _launch(_channels().accumulate, _grid(v.shape[0]), v, total, i == 0)
         return astype(total, dtype)
 
     @staticmethod
     def invstd(var, eps):
-        return to_device(1.0 / np.sqrt(to_host(var) + eps))
+        out = take(var.shape, np.float64)
+        _launch(_channels().invstd, _grid(var.shape[0]), var, eps, out)
+        return out
 
     @staticmethod
     def gradients(s_dy, s_dyx, invstd, dtype):
-        s_dy = to_host(s_dy)
-        return to_device((to_host(s_dyx) * to_host(invstd)).astype(dtype)), to_device(
-            s_dy.astype(dtype))
+        out = take((2, invstd.shape[0]), dtype)
+        _launch(_channels().gradients, _grid(invstd.shape[0]), s_dy, s_dyx, invstd, out)
+        return tuple(_rows(out))
 
     # --- a whole forward or backward ----------------------------------------------
-    @classmethod
-    def train(cls, x, axis, running_mean, running_var, factor, weight, bias, eps, relu, out):
-        plan = plan_of(tuple(x.shape), axis)
-        mean, var = moments(x, plan)
-        updated = running_mean is not None and cls.update_running(
-            running_mean, running_var, mean, var, plan.count, factor)
-        return mean, var, cls.evaluate(x, axis, mean, var, weight, bias, eps, relu, out), updated
+    @staticmethod
+    def train(x, axis, running_mean, running_var, factor, weight, bias, eps, relu, out):
+        """Training forward into ``out``: ``(mean, var, invstd, updated)``.
+        ``updated`` is None where the device counted it (device running
+        statistics), a bool where NumPy running statistics were copied back."""
+        ws = workspace(tuple(x.shape), axis)
+        plan = ws.plan
+        stats = take((3, plan.channels), np.float64)
+        mean, var, invstd = _rows(stats)
+        rm = rv = mean
+        momentum, counts, counter = 0.0, ws.counts, None
+        track = running_mean is not None
+        host_stats = track and not is_device_array(running_mean)
+        if track:
+            momentum, counts, counter = _factor(factor)
+            if host_stats:
+                counts, staged = ws.counts, ws.stage(running_mean, running_var)
+                rm, rv = ws.staged_rows[staged.dtype]
+            else:
+                rm, rv = _device_view(running_mean), _device_view(running_var)
+        x1, k = _flat(x), _kernels()
+        _launch(k.moments, plan.blocks, x1, plan.geo, ws.states, ws.tickets, stats, rm, rv,
+                track, momentum, plan.count / (plan.count - 1), counts)
+        _normalize(x1, plan, mean, var, weight, bias, eps, relu, stats, _flat(out))
+        updated = None
+        if host_stats:
+            updates = int(counts.copy_to_host()[0])
+            updated, ws.updates = updates > ws.updates, updates
+            running_mean[...], running_var[...] = staged.copy_to_host()
+        elif counter is not None:
+            counter.record(None, "running statistics")
+        return mean, var, invstd, updated if track else False
 
     @staticmethod
     def evaluate(x, axis, mean, var, weight, bias, eps, relu, out):
-        plan = plan_of(tuple(x.shape), axis)
-        channels = plan.channels
-        mean, var = to_device(mean), to_device(var)
-        mean64, invstd, scale, shift = (cuda().device_array(channels) for _ in range(4))
-        _channels().coefficients[_grid(channels), THREADS_PER_BLOCK](
-            mean, var, mean if weight is None else weight, mean if bias is None else bias,
-            weight is not None, bias is not None, eps, mean64, invstd, scale, shift)
-        affine(x, plan, mean64, scale, shift, out, relu=relu)
-        return invstd
+        """Forward with the given statistics into ``out``: ``(mean, invstd)``,
+        those it normalized with, float64."""
+        ws = workspace(tuple(x.shape), axis)
+        plan = ws.plan
+        if not is_device_array(mean):
+            mean, var = ws.staged_rows[ws.stage(mean, var).dtype]
+        stats = take((3, plan.channels), np.float64)
+        _normalize(_flat(x), plan, mean, var, weight, bias, eps, relu, stats, _flat(out))
+        mean64, _, invstd = _rows(stats)
+        return mean64, invstd
 
     @staticmethod
     def backward(dy, x, axis, mask, mean, invstd, weight, training, out):
-        plan = plan_of(tuple(x.shape), axis)
-        channels = plan.channels
-        s_dy, s_dyx = grad_sums(x, dy, plan, mean, mask=mask)
-        a, b, c = (cuda().device_array(channels) for _ in range(3))
-        dweight = cuda().device_array(channels, x.dtype)
-        dbias = cuda().device_array(channels, x.dtype)
-        _channels().backward_coefficients[_grid(channels), THREADS_PER_BLOCK](
-            s_dy, s_dyx, invstd, invstd if weight is None else weight, weight is not None,
-            float(plan.count), bool(training), a, b, c, dweight, dbias)
-        if training:
-            grad_input(dy, x, plan, a, b, c, mean, out, mask=mask)
-        else:
-            affine(dy, plan, b, a, b, out, mask=mask)  # b is 0 here: out = dy * a
-        return dweight, dbias
+        ws = workspace(tuple(x.shape), axis)
+        plan = ws.plan
+        grads = take((2, plan.channels), x.dtype)
+        x1 = _flat(x)
+        _grad_sums(x1, _flat(dy), mask, mean, plan, ws, ws.sums, invstd, grads)
+        _grad_input(_flat(dy), x1, mask, mean, invstd, weight, ws.sums, plan.count, training,
+                    plan, _flat(out))
+        return tuple(_rows(grads))
 
     # --- the pieces ------------------------------------------------------------------
     @staticmethod
     def moments(x, axis):
-        return moments(x, plan_of(tuple(x.shape), axis))
+        ws = workspace(tuple(x.shape), axis)
+        plan = ws.plan
+        stats = take((3, plan.channels), np.float64)
+        mean, var, _ = _rows(stats)
+        _launch(_kernels().moments, plan.blocks, _flat(x), plan.geo, ws.states, ws.tickets,
+                stats, mean, var, False, 0.0, 1.0, ws.counts)
+        return mean, var
 
     @staticmethod
     def grad_sums(dy, x, axis, mask, mean):
-        return grad_sums(x, dy, plan_of(tuple(x.shape), axis), mean, mask=mask)
+        ws = workspace(tuple(x.shape), axis)
+        sums = take((2, ws.plan.channels), np.float64)
+        _grad_sums(_flat(x), _flat(dy), mask, mean, ws.plan, ws, sums, None, None)
+        return tuple(_rows(sums))
 
     @staticmethod
     def grad_input(dy, x, axis, mask, mean, invstd, weight, s_dy, s_dyx, count, out):
-        plan = plan_of(tuple(x.shape), axis)
-        channels = plan.channels
-        a, b, c = (cuda().device_array(channels) for _ in range(3))
-        dweight, dbias = cuda().device_array(channels), cuda().device_array(channels)
-        _channels().backward_coefficients[_grid(channels), THREADS_PER_BLOCK](
-            s_dy, s_dyx, invstd, invstd if weight is None else weight, weight is not None,
-            float(count), True, a, b, c, dweight, dbias)
-        return grad_input(dy, x, plan, a, b, c, mean, out, mask=mask)
+        ws = workspace(tuple(x.shape), axis)
+        ws.sums[0].copy_to_device(s_dy)
+        ws.sums[1].copy_to_device(s_dyx)
+        _grad_input(_flat(dy), _flat(x), mask, mean, invstd, weight, ws.sums, count, True,
+                    ws.plan, _flat(out))
+        return out
 
     @staticmethod
     def update_running(running_mean, running_var, mean, var, count, factor):
-        """Update the running statistics on the device unless the batch's are
-        not finite; NumPy running statistics are updated too (copied back)."""
-        stats = (to_device(running_mean), to_device(running_var))
-        ok = cuda().device_array(1, np.int32)
-        _channels().update_running[1, THREADS_PER_BLOCK](*stats, mean, var, count / (count - 1),
-                                                        factor, LANES, ok)
-        if not ok.copy_to_host()[0]:
-            return False
-        for host, dev in zip((running_mean, running_var), stats):
-            if not is_device_array(host):
-                host[...] = dev.copy_to_host()
-        return True
+        """The running update on the device (one block), unless the batch
+        statistics are not finite; counted on the device (returns None)."""
+        momentum, counts, counter = _factor(factor)
+        _launch(_kernels().running_update, 1, running_mean, running_var, mean, var,
+                count / (count - 1), momentum, counts, LANES)
+        if counter is not None:
+            counter.record(None, "running statistics")
 
     @staticmethod
     def renorm(mean, var, running_mean, running_var, weight, bias, rmax, dmax, eps, factor):
-        channels = mean.shape[0]
-        cu, k, tpb = cuda(), _channels(), THREADS_PER_BLOCK
-        invstd, r, d, w, scale, shift = (cu.device_array(channels) for _ in range(6))
-        has_affine = weight is not None
-        if has_affine and bias is None:
-            bias = cu.to_device(np.zeros(channels))
-        k.renorm_coefficients[_grid(channels), tpb](
-            mean, var, running_mean, running_var, weight if has_affine else mean,
-            bias if has_affine else mean, has_affine, eps, 1.0 / rmax, rmax, dmax,
-            invstd, r, d, w, scale, shift)
-        ok = cu.device_array(1, np.int32)
-        k.renorm_update[1, tpb](running_mean, running_var, mean, var, eps, factor, LANES, ok)
-        return w, shift, r, d, bool(ok.copy_to_host()[0])
+        momentum, counts, counter = _factor(factor)
+        out = take((4, mean.shape[0]), np.float64)
+        _launch(_kernels().renorm, 1, mean, var, running_mean, running_var,
+                mean if weight is None else weight, mean if bias is None else bias,
+                weight is not None, bias is not None, eps, 1.0 / rmax, rmax, dmax, momentum,
+                counts, LANES, out)
+        if counter is not None:
+            counter.record(None, "moving statistics")
+        r, d, w, shift = _rows(out)
+        return w, shift, r, d, None
 
     @staticmethod
     def renorm_grads(r, d, dweight, dbias):
-        out = cuda().device_array(r.shape[0])
-        _channels().renorm_grads[_grid(r.shape[0]), THREADS_PER_BLOCK](r, d, dweight, dbias, out)
+        out = take(r.shape, np.float64)
+        _launch(_channels().renorm_grads, _grid(r.shape[0]), r, d, dweight, dbias, out)
         return out
+
+
+def _normalize(x1, plan, mean, var, weight, bias, eps, relu, stats, out1):
+    _launch(_kernels().normalize, plan.blocks, x1, plan.geo, mean, var,
+            mean if weight is None else weight, mean if bias is None else bias,
+            weight is not None, bias is not None, bool(relu), eps, stats, out1)
+
+
+def _mask(mask, like):
+    """``(mask, masked)`` kernel arguments: without a mask, ``like`` stands in
+    (never read)."""
+    return (like, False) if mask is None else (_flat(mask), True)
+
+
+def _grad_sums(x1, dy1, mask, mean, plan, ws, sums, invstd, grads):
+    want = grads is not None
+    _launch(_kernels().grad_sums, plan.blocks, x1, dy1, *_mask(mask, x1), mean, plan.geo,
+            ws.states, ws.tickets, sums, invstd if want else mean, grads if want else sums,
+            want)
+
+
+def _grad_input(dy1, x1, mask, mean, invstd, weight, sums, count, training, plan, out1):
+    _launch(_kernels().grad_input, plan.blocks, dy1, x1, *_mask(mask, x1), mean, invstd,
+            invstd if weight is None else weight, weight is not None, sums, float(count),
+            bool(training), plan.geo, out1)
 
 
 BACKEND = GPU()

@@ -1,16 +1,32 @@
-"""Numba CUDA kernels over per-channel (C,) vectors: the normalization's
-coefficients, the running (moving) statistics' updates, the backward's
-coefficients, Batch Renormalization's corrections, and small vector helpers.
-The twins of the per-channel kernels of ``nbbn.kernels``; the passes over the
-data are in ``nbbn.gpu.kernels``. One thread per channel, except the running
-updates: one block, so that a non-finite channel can veto every update.
-All arithmetic is float64, values converted as loaded (see ``nbbn.gpu.kernels``).
+"""Numba CUDA code over per-channel (C,) vectors: the per-channel math (the
+normalization's and the backward's coefficients, the running and moving
+statistics' updates, Batch Renormalization's corrections), which the kernels
+of ``nbbn.gpu.kernels`` call, and small kernels of one thread per channel
+(Batch Renormalization's gradient, the gradients from given sums, vector
+helpers). The twins of the per-channel code of ``nbbn.kernels``.
+
+Nothing here uses a block's threads together (shared memory, barriers,
+atomics): such kernels, and the device functions they call, live in
+``nbbn.gpu.kernels``. (Numba's CUDA simulator swaps the ``numba.cuda`` that a
+module sees for the whole of a launch only in the launched kernel's own
+module.) All arithmetic is float64, values converted as loaded (see
+``nbbn.gpu.kernels``).
 """
 import math
 
-from numba import cuda, float64, int32
+from numba import cuda, float64
 
-from .kernels import MAX_LANES, _max, _min
+
+@cuda.jit(device=True)
+def _min(a, b):
+    # Written out: numba 0.68's built-in CUDA target compiles min/max through
+    # an overload that needs a live GPU even for compile_ptx.
+    return a if a < b else b
+
+
+@cuda.jit(device=True)
+def _max(a, b):
+    return a if a > b else b
 
 
 @cuda.jit(device=True)
@@ -23,111 +39,62 @@ def _clip(v, lo, hi):
     return v
 
 
-@cuda.jit
-def coefficients(mean, var, weight, bias, has_weight, has_bias, eps,
-                 mean_out, invstd, scale, shift):
-    """Per channel: float64 mean, ``1 / sqrt(var + eps)``, ``weight * invstd``
-    and the shift (``bias``, or 0)."""
-    c = cuda.grid(1)
-    if c < mean.shape[0]:
-        inv = 1.0 / math.sqrt(float64(var[c]) + eps)
-        mean_out[c] = mean[c]
-        invstd[c] = inv
-        scale[c] = float64(weight[c]) * inv if has_weight else inv
-        shift[c] = float64(bias[c]) if has_bias else 0.0
+@cuda.jit(device=True)
+def normalization(mean, var, weight, bias, has_weight, has_bias, eps, c):
+    """``(mean, invstd, scale, shift)`` of channel ``c``, float64: ``y = (x -
+    mean) * scale + shift`` with ``invstd = 1 / sqrt(var + eps)``, ``scale =
+    weight * invstd`` (or ``invstd``) and ``shift = bias`` (or 0)."""
+    inv = 1.0 / math.sqrt(float64(var[c]) + eps)
+    scale = float64(weight[c]) * inv if has_weight else inv
+    return float64(mean[c]), inv, scale, float64(bias[c]) if has_bias else 0.0
 
 
 @cuda.jit(device=True)
-def _all_finite(mean, var, lanes):
-    """1 if every ``mean[c]`` and ``var[c]`` is finite, else 0, for every
-    thread of the (single) block."""
-    flags = cuda.shared.array(MAX_LANES, int32)
-    for lane in range(cuda.threadIdx.x, lanes, cuda.blockDim.x):
-        f = 1
-        for c in range(lane, mean.shape[0], lanes):
-            if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
-                f = 0
-        flags[lane] = f
-    cuda.syncthreads()
-    good = 1
-    for lane in range(lanes):
-        good = _min(good, flags[lane])
-    return good
+def input_gradient(sums, invstd, weight, has_weight, count, training, c):
+    """``(a, b, c)`` of channel ``c``: ``dx = g * a + (x - mean) * b + c``
+    from the gradient sums ``sums[0] = sum(g)``, ``sums[1] = sum(g * (x -
+    mean))`` over ``count`` values; ``b = c = 0`` for fixed statistics."""
+    inv = float64(invstd[c])
+    k = float64(weight[c]) * inv if has_weight else inv
+    if not training:
+        return k, 0.0, 0.0
+    return k, -k * inv * (sums[1, c] * inv) / count, -k * sums[0, c] / count
 
 
-@cuda.jit
-def update_running(running_mean, running_var, mean, var, correction, factor, lanes, ok):
-    """One block: if every ``mean`` and ``var`` is finite, move the running
-    statistics towards them (the variance times ``correction``), in place.
-    ``ok[0]`` says whether they were updated."""
-    good = _all_finite(mean, var, lanes)
-    if good == 1:
-        for c in range(cuda.threadIdx.x, mean.shape[0], cuda.blockDim.x):
-            running_mean[c] = (1.0 - factor) * float64(running_mean[c]) + factor * mean[c]
-            running_var[c] = ((1.0 - factor) * float64(running_var[c])
-                              + factor * (var[c] * correction))
-    if cuda.threadIdx.x == 0:
-        ok[0] = good
+@cuda.jit(device=True)
+def running(running_mean, running_var, mean, var, correction, factor, c):
+    """Channel ``c``'s running mean and variance moved towards ``mean`` and
+    ``var * correction`` by ``factor``."""
+    return ((1.0 - factor) * float64(running_mean[c]) + factor * mean[c],
+            (1.0 - factor) * float64(running_var[c]) + factor * (var[c] * correction))
 
 
-@cuda.jit
-def renorm_coefficients(mean, var, running_mean, running_var, weight, bias, has_affine, eps,
-                        rmin, rmax, dmax, invstd, r, d, w, scale, shift):
-    """Per channel, Batch Renormalization's ``r = clip(sigma_B / sigma, rmin,
-    rmax)`` and ``d = clip((mean - mu) / sigma, -dmax, dmax)`` from the moving
-    ``mu`` and ``sigma = sqrt(running_var + eps)``; the backward's weight ``w``
-    (``weight * r``, or ``r``) and the forward's ``scale`` and ``shift``:
-    ``y = (x - mean) * scale + shift``."""
-    c = cuda.grid(1)
-    if c < mean.shape[0]:
-        std = math.sqrt(var[c] + eps)
-        inv = 1.0 / std
-        sigma = math.sqrt(float64(running_var[c]) + eps)
-        rc = _clip(std / sigma, rmin, rmax)
-        dc = _clip((mean[c] - float64(running_mean[c])) / sigma, -dmax, dmax)
-        gamma = float64(weight[c]) if has_affine else 1.0
-        invstd[c], r[c], d[c] = inv, rc, dc
-        w[c] = gamma * rc if has_affine else rc
-        scale[c] = w[c] * inv
-        shift[c] = float64(bias[c]) + gamma * dc if has_affine else dc
+@cuda.jit(device=True)
+def renorm_corrections(mean, var, running_mean, running_var, weight, bias, has_affine, has_bias,
+                       eps, rmin, rmax, dmax, c):
+    """Batch Renormalization's ``(r, d, w, shift)`` of channel ``c``: ``r =
+    clip(sigma_B / sigma, rmin, rmax)``, ``d = clip((mean - mu) / sigma,
+    -dmax, dmax)`` from the moving ``mu`` and ``sigma = sqrt(running_var +
+    eps)``, the backward's weight ``w`` (``weight * r``, or ``r``) and the
+    forward's shift (``bias + weight * d``, or ``d``): normalizing with weight
+    ``w`` and bias ``shift`` gives ``weight * (x_hat * r + d) + bias``."""
+    sigma = math.sqrt(float64(running_var[c]) + eps)
+    r = _clip(math.sqrt(var[c] + eps) / sigma, rmin, rmax)
+    d = _clip((mean[c] - float64(running_mean[c])) / sigma, -dmax, dmax)
+    gamma = float64(weight[c]) if has_affine else 1.0
+    shift = gamma * d
+    return r, d, gamma * r if has_affine else r, float64(bias[c]) + shift if has_bias else shift
 
 
-@cuda.jit
-def renorm_update(running_mean, running_var, mean, var, eps, factor, lanes, ok):
-    """One block: if every ``mean`` and ``var`` is finite, ``mu += factor *
-    (mean - mu)`` and ``sigma += factor * (sigma_B - sigma)`` with ``running_var
-    = max(sigma**2 - eps, 0)``, in place. ``ok[0]`` says whether they were."""
-    good = _all_finite(mean, var, lanes)
-    if good == 1:
-        for c in range(cuda.threadIdx.x, mean.shape[0], cuda.blockDim.x):
-            mu = float64(running_mean[c])
-            sigma = math.sqrt(float64(running_var[c]) + eps)
-            sigma = sigma + factor * (math.sqrt(var[c] + eps) - sigma)
-            running_mean[c] = mu + factor * (mean[c] - mu)
-            running_var[c] = _max(sigma * sigma - eps, 0.0)
-    if cuda.threadIdx.x == 0:
-        ok[0] = good
-
-
-@cuda.jit
-def backward_coefficients(s_dy, s_dyx, invstd, weight, has_weight, count, training,
-                          a, b, c, dweight, dbias):
-    """Per channel: ``dx = dy * a + (x - mean) * b + c`` coefficients and the
-    parameter gradients (in the dtype of ``dweight``)."""
-    ch = cuda.grid(1)
-    if ch < invstd.shape[0]:
-        inv = float64(invstd[ch])
-        dw = s_dyx[ch] * inv
-        k = float64(weight[ch]) * inv if has_weight else inv
-        a[ch] = k
-        if training:
-            b[ch] = -k * inv * dw / count
-            c[ch] = -k * s_dy[ch] / count
-        else:
-            b[ch] = 0.0
-            c[ch] = 0.0
-        dweight[ch] = dw
-        dbias[ch] = s_dy[ch]
+@cuda.jit(device=True)
+def renorm_moving(running_mean, running_var, mean, var, eps, factor, c):
+    """Channel ``c``'s moving statistics after a batch: ``mu += factor * (mean
+    - mu)``, ``sigma += factor * (sigma_B - sigma)``, and ``running_var =
+    max(sigma**2 - eps, 0)``."""
+    mu = float64(running_mean[c])
+    sigma = math.sqrt(float64(running_var[c]) + eps)
+    sigma = sigma + factor * (math.sqrt(var[c] + eps) - sigma)
+    return mu + factor * (mean[c] - mu), _max(sigma * sigma - eps, 0.0)
 
 
 @cuda.jit
@@ -140,11 +107,30 @@ def renorm_grads(r, d, dweight, dbias, out):
 
 
 @cuda.jit
-def accumulate(src, acc):
-    """``acc[i] += src[i]`` for 1-D arrays, ``acc`` float64."""
+def invstd(var, eps, out):
+    """``out = 1 / sqrt(var + eps)`` per channel."""
+    c = cuda.grid(1)
+    if c < var.shape[0]:
+        out[c] = 1.0 / math.sqrt(float64(var[c]) + eps)
+
+
+@cuda.jit
+def gradients(s_dy, s_dyx, invstd, out):
+    """The parameters' gradients from the gradient sums: ``out[0] = s_dyx *
+    invstd`` (gamma's), ``out[1] = s_dy`` (beta's), in ``out``'s dtype."""
+    c = cuda.grid(1)
+    if c < invstd.shape[0]:
+        out[0, c] = float64(s_dyx[c]) * float64(invstd[c])
+        out[1, c] = s_dy[c]
+
+
+@cuda.jit
+def accumulate(src, acc, first):
+    """``acc[i] += src[i]`` (``acc[i] = src[i]`` if ``first``) for 1-D arrays,
+    ``acc`` float64."""
     i = cuda.grid(1)
     if i < src.shape[0]:
-        acc[i] += float64(src[i])
+        acc[i] = float64(src[i]) if first else acc[i] + float64(src[i])
 
 
 @cuda.jit
@@ -157,8 +143,8 @@ def cast(src, dst):
 
 @cuda.jit
 def copy(src, dst):
-    """``dst[:] = src`` for 1-D arrays: the memory-bandwidth yardstick of the
-    benchmark."""
+    """``dst[:] = src`` for 1-D arrays, a grid-stride loop: one of the
+    benchmark's bandwidth yardsticks."""
     start = cuda.grid(1)
     for i in range(start, src.shape[0], cuda.gridsize(1)):
         dst[i] = src[i]

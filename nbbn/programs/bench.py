@@ -433,8 +433,8 @@ def add_arguments(parser):
                              "writing into preallocated outputs)")
     parser.add_argument("--repeat", type=int, default=7, help="samples per figure (7)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: nbbn's GPU kernels against torch's cuDNN and a copy "
-                             "kernel, on (64, 64, 112, 112) unless --shapes")
+                        help="cuda: nbbn's GPU kernels against torch's cuDNN and the copy "
+                             "bandwidth, on the GPU's default cases unless --shapes")
     parser.add_argument("--pipeline", type=int, nargs="*", metavar="B",
                         help="time a NumPy MLP training step at these batch sizes (default: "
                              f"{' '.join(map(str, BATCHES))}; in the default run too)")
@@ -461,7 +461,7 @@ def main(args):
             raise SystemExit("bench: --plot needs matplotlib: pip install 'nbbn[plot]'")
     if args.device == "cuda":
         from . import cuda_bench
-        results = cuda_bench.main(args.shapes or [(64, 64, 112, 112)], args.dtype, args.repeat)
+        results = cuda_bench.main(args.shapes, args.dtype, args.repeat)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({str(k): v for k, v in results.items()}, f, indent=1)
