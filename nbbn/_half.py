@@ -89,12 +89,17 @@ def _f32_round_to_odd(x):
 
 
 @njit(inline="always")
+def _sign_magnitude(x):
+    """float32 ``x``'s sign bit in a 16-bit type's place, and the bits of ``|x|``."""
+    f = _bits_of_f32(x)
+    return (f >> 16) & 0x8000, f & 0x7FFFFFFF
+
+
+@njit(inline="always")
 def f32_to_f16(x):
     """float32 ``x`` as float16 bits, rounded to nearest even (overflow to
     inf, NaN to a quiet NaN of the same sign)."""
-    f = _bits_of_f32(x)
-    sign = (f >> 16) & 0x8000
-    a = f & 0x7FFFFFFF
+    sign, a = _sign_magnitude(x)
     # below 2**-14 (float16's subnormals): float addition of 0.5 does the rounding
     small = _bits_of_f32(_f32_from_bits(a) + np.float32(0.5)) - 0x3F000000
     # normal: rebias the exponent, round the 13 dropped bits to nearest even
@@ -108,9 +113,7 @@ def f32_to_f16(x):
 def f32_to_bf16(x):
     """float32 ``x`` as bfloat16 bits, rounded to nearest even (overflow to
     inf, NaN to a quiet NaN of the same sign)."""
-    f = _bits_of_f32(x)
-    sign = (f >> 16) & 0x8000
-    a = f & 0x7FFFFFFF
+    sign, a = _sign_magnitude(x)
     rounded = (a + 0x7FFF + ((a >> 16) & 1)) >> 16
     return np.int16(np.uint16((0x7FC0 if a > 0x7F800000 else rounded) | sign))
 
