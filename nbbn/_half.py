@@ -56,7 +56,7 @@ def _bits_of_f32(typingctx, f):
 
 # --- widening: exact ---------------------------------------------------------------
 
-@njit(inline="always")
+@njit
 def f16_to_f32(u):
     """float16 bits ``u`` as float32. The magnitude's bits, moved to float32's
     mantissa and scaled by 2**112, give normals and subnormals alike; inf and
@@ -68,7 +68,7 @@ def f16_to_f32(u):
     return _f32_from_bits(b | (h & 0x8000) << 16)
 
 
-@njit(inline="always")
+@njit
 def bf16_to_f32(u):
     """bfloat16 bits ``u`` as float32: the top half of its bits."""
     return _f32_from_bits((np.int64(u) & 0xFFFF) << 16)
@@ -76,7 +76,7 @@ def bf16_to_f32(u):
 
 # --- narrowing: rounded to nearest even, once ----------------------------------------
 
-@njit(inline="always")
+@njit
 def _f32_round_to_odd(x):
     """float64 ``x`` rounded to float32 to odd: truncated, with the last bit
     set if anything was dropped. Rounding that to a type of at most 22
@@ -88,14 +88,14 @@ def _f32_round_to_odd(x):
     return _f32_from_bits(b + toward if dropped and (b & 1) == 0 else b)
 
 
-@njit(inline="always")
+@njit
 def _sign_magnitude(x):
     """float32 ``x``'s sign bit in a 16-bit type's place, and the bits of ``|x|``."""
     f = _bits_of_f32(x)
     return (f >> 16) & 0x8000, f & 0x7FFFFFFF
 
 
-@njit(inline="always")
+@njit
 def f32_to_f16(x):
     """float32 ``x`` as float16 bits, rounded to nearest even (overflow to
     inf, NaN to a quiet NaN of the same sign)."""
@@ -109,7 +109,7 @@ def f32_to_f16(x):
     return np.uint16(o | sign)
 
 
-@njit(inline="always")
+@njit
 def f32_to_bf16(x):
     """float32 ``x`` as bfloat16 bits, rounded to nearest even (overflow to
     inf, NaN to a quiet NaN of the same sign)."""
@@ -120,6 +120,11 @@ def f32_to_bf16(x):
 
 # --- the kernels' element access ---------------------------------------------------------
 
+def float_empty(n, a):
+    """``np.empty(n)`` of ``a``'s float type: float32 for a half array's view
+    (inside jitted code)."""
+
+
 def load(a, i):
     """``a[i]`` as a float (float32 for a half array, inside jitted code)."""
 
@@ -128,7 +133,14 @@ def store(a, i, v):
     """``a[i] = v``, rounded once to a half array's type (inside jitted code)."""
 
 
-@overload(load, inline="always")
+@overload(float_empty)
+def _float_empty(n, a):
+    if a.dtype in (types.uint16, types.int16):
+        return lambda n, a: np.empty(n, np.float32)
+    return lambda n, a: np.empty(n, a.dtype)
+
+
+@overload(load)
 def _load(a, i):
     if a.dtype == types.uint16:
         return lambda a, i: f16_to_f32(a[i])
@@ -137,7 +149,7 @@ def _load(a, i):
     return lambda a, i: a[i]
 
 
-@overload(store, inline="always")
+@overload(store)
 def _store(a, i, v):
     narrow = {types.uint16: f32_to_f16, types.int16: f32_to_bf16}.get(a.dtype)
     if narrow is None:

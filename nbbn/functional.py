@@ -172,7 +172,7 @@ def batch_norm_backward(dy: ArrayIn, x: ArrayIn, mean: ArrayIn, invstd: ArrayIn,
     x = backend.input(x)  # (the checked array; mypy keeps its declared type: the ignores)
     if x.ndim == 1 and x.size == 0:  # type: ignore[union-attr]  # torch's degenerate case
         dy = backend.like(dy, x, "dy")
-        zeros = backend.full(0, 0.0, x.dtype)  # type: ignore[union-attr]
+        zeros = backend.full(0, 0.0, check.grad_dtype(x.dtype))  # type: ignore[union-attr]
         return backend.output(out, x), zeros, zeros
     channels = check.check_input(backend.meta(x), check.check_axis(axis))
     dy = backend.like(dy, x, "dy")
@@ -182,7 +182,7 @@ def batch_norm_backward(dy: ArrayIn, x: ArrayIn, mean: ArrayIn, invstd: ArrayIn,
     mask = check.saved_output(y, x, relu, backend.like)
     out = backend.output(out, x)
     if not x.size:  # type: ignore[union-attr]  # no samples: no gradient
-        zeros = backend.full(channels, 0.0, x.dtype)  # type: ignore[union-attr]
+        zeros = backend.full(channels, 0.0, check.grad_dtype(x.dtype))  # type: ignore[union-attr]
         return out, zeros, zeros
     dweight, dbias = backend.backward(dy, x, axis, mask, mean, invstd, weight, bool(training),
                                       out)
