@@ -108,7 +108,12 @@ def by_element(floats, other):
     """A function for jitted code that calls ``floats`` when its last argument
     (the output) is a float array and ``other`` when it is the 16-bit view of
     a half one (see :mod:`nbbn._half`), chosen at compile time: a code path
-    only float arrays can take is never compiled for the others."""
+    only float arrays can take is never compiled for the others.
+
+    (The non-temporal stores below are for float arrays only: half elements
+    converted in 64-byte vectors of 32 and stored so were slower than plain
+    stores in the forward passes and no faster in the backward, at two threads
+    on the machine measured.)"""
     def pick(*args):
         raise NotImplementedError("for jitted code only")
 
