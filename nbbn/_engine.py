@@ -15,19 +15,35 @@ import numpy as np
 
 from . import _threads
 
-#: Elements of one plane task (planes layout).
-PLANE_CHUNK = 1 << 15
-#: Elements of one row-chunk task (rows layout), at least ``MIN_ROWS`` rows.
+#: Values a thread is given at least: a call uses ``work // GRAIN`` threads at
+#: most (its *team*, capped by ``numba.get_num_threads()``), and inputs of
+#: fewer than ``2 * GRAIN`` values run the serial twins of the kernels (the same
+#: tasks in the same order, so the same bits): waking threads costs more than
+#: they save there, and far more on a busy machine.
+GRAIN = 1 << 15
+#: Planes longer than this are cut into equal chunks of at most this many
+#: elements: half a grain, so that any team gets two tasks a thread.
+PLANE_CHUNK = GRAIN // 2
+#: Rows layout: chunks of rows enough for two tasks a thread of up to this
+#: many threads, where the rows allow; blocks of channels make up the rest.
+MAX_TASKS = 128
+#: Values of a rows statistics task, at most where the shape allows: a task
+#: reads its rows twice (sums, then squared deviations), the second time
+#: from the core's L2.
 ROW_CHUNK = 1 << 17
-MIN_ROWS = 16
+#: Rows of the view in a chunk of rows, at least: each chunk folds its
+#: per-column sums into per-channel states, about the cost of a few rows.
+MIN_ROWS = 32
+#: Partial states (chunks of rows x channels) of a rows layout, at most,
+#: unless ``ROW_CHUNK`` needs more: past about 1 MiB of them per call, glibc
+#: hands the freed memory back to the system and the next call faults every
+#: page in again (measured here: (4096, 1024) statistics took twice as long
+#: with 64 chunks of rows as with 32).
+MAX_STATES = 1 << 15
 #: Planes shorter than this are read row by row instead.
 MIN_PLANE = 64
 #: Narrow rows are tiled up to this many columns so inner loops stay long.
 TILE_WIDTH = 1024
-#: Inputs of at most this many elements run the serial twins of the kernels
-#: (the same tasks in the same order, so the same bits): starting threads
-#: costs more than it saves there, and far more on a busy machine.
-SERIAL_MAX = 1 << 15
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,10 +73,9 @@ STREAM_MIN_BYTES = None
 #: one parallel region (measured here: 10-28% faster up to 4 MiB; slower
 #: beyond, where planes read channel by channel defeat the prefetchers).
 BY_CHANNEL_MAX_BYTES = 4 << 20
-#: Rows layout: fewer chunks of rows than threads are split into blocks of
-#: channels, each at least this many columns wide (shorter rows of blocks
-#: cost more than the threads gain).
-MIN_BLOCK_WIDTH = 256
+#: Rows layout: chunks of rows are split into blocks of channels at least
+#: this many columns wide (shorter rows of blocks cost more than they gain).
+MIN_BLOCK_WIDTH = 128
 
 _kernels = None
 
@@ -84,6 +99,12 @@ def kernels():
 class Layout(NamedTuple):
     """How an array is viewed and cut into tasks by the kernels.
 
+    What decides the bits is a function of the shape alone, never of the
+    thread count: the chunks of planes and of rows, whose partial states are
+    merged in order, so every thread count gives the same results. A call
+    adds what does not change the bits for its team of threads (see
+    :meth:`blocks_for`, :meth:`by_channel_for`).
+
     ``view`` is ``(N, C, M)`` for planes, ``(R, W)`` for rows, where each
     row holds ``W // (C * inner)`` tiles of ``C`` channels of ``inner``
     consecutive elements. ``counts`` are the elements per channel of each
@@ -96,31 +117,57 @@ class Layout(NamedTuple):
     inner: int
     count: int  # elements per channel
     counts: np.ndarray
-    rows_per_chunk: int  # rows layout
-    blocks: int  # blocks of channels per chunk of rows (rows layout)
-    serial: bool  # the kernels run in the calling thread only
+    chunk: int  # planes: elements of a task's span (the last of a plane may be shorter)
+    parts: int  # rows: chunks of rows (of nearly equal sizes)
+    blocks: int  # rows: blocks of channels per chunk of rows, at least
+    max_blocks: int  # rows: blocks of channels per chunk of rows, at most
+    max_team: int  # threads the input pays for (1: the serial kernels)
     stream: bool  # outputs are written with non-temporal stores (planes)
-    by_channel: bool  # planes: one task per channel in training and backward
+    by_channel: bool  # planes: small enough for a task per channel (training, backward)
+
+    @property
+    def serial(self):
+        """The kernels run in the calling thread, whatever the thread count."""
+        return self.max_team == 1
+
+    def team(self, threads):
+        """Threads a call uses when ``threads`` are allowed."""
+        return max(1, min(threads, self.max_team))
+
+    def blocks_for(self, team):
+        """Rows: blocks of channels per chunk of rows for ``team`` threads,
+        two tasks a thread where the channels allow (columns are
+        independent: any number gives the same bits)."""
+        if team == 1:
+            return self.blocks
+        return max(self.blocks, min(self.max_blocks, -(-2 * team // self.parts)))
+
+    def by_channel_for(self, team):
+        """Planes: a task per channel, statistics and output in one parallel
+        region, where each thread of ``team`` gets two channels (the same
+        bits as the task per chunk of a plane)."""
+        return self.by_channel and team > 1 and self.channels >= 2 * team
 
 
 @functools.lru_cache(maxsize=512)
 def layout_of(shape, axis, itemsize=4):
     """The kernel layout of an array of ``shape`` with channels on ``axis``
-    and ``itemsize`` bytes per element."""
+    and ``itemsize`` bytes per element (see :class:`Layout`)."""
     channels = shape[axis]
-    count = math.prod(shape) // channels
-    nbytes = count * channels * itemsize
-    serial = count * channels <= SERIAL_MAX
+    work = math.prod(shape)
+    count = work // channels
+    nbytes = work * itemsize
+    max_team = max(1, work // GRAIN)
     stream = nbytes > (STREAM_MIN_BYTES if STREAM_MIN_BYTES is not None
                        else last_level_cache_bytes())
     if axis == 1 and len(shape) > 2 and math.prod(shape[2:]) >= MIN_PLANE:
         view = (shape[0], channels, math.prod(shape[2:]))
-        sizes = np.full(-(-view[2] // PLANE_CHUNK), PLANE_CHUNK, dtype=np.float64)
-        sizes[-1] = view[2] - PLANE_CHUNK * (sizes.size - 1)
-        by_channel = (not serial and channels >= 2 * _max_threads()
-                      and nbytes <= BY_CHANNEL_MAX_BYTES)
+        k = -(-view[2] // PLANE_CHUNK)  # equal chunks of at most PLANE_CHUNK
+        chunk = -(-view[2] // k)
+        sizes = np.full(k, chunk, dtype=np.float64)
+        sizes[-1] = view[2] - chunk * (k - 1)
         return Layout(view, True, channels, view[2], count, _frozen(np.tile(sizes, view[0])),
-                      0, 1, serial, stream, by_channel)
+                      chunk, 0, 1, 1, max_team, stream, nbytes <= BY_CHANNEL_MAX_BYTES)
     if axis == 1 and len(shape) > 2:
         inner = math.prod(shape[2:])
         rows, width = shape[0], channels * inner
@@ -129,21 +176,34 @@ def layout_of(shape, axis, itemsize=4):
     # Largest power of two dividing ``rows`` that keeps the tile narrow.
     tile = min(rows & -rows, 1 << max(0, (TILE_WIDTH // width).bit_length() - 1))
     view = (rows // tile, width * tile)
-    rows_per_chunk = max(MIN_ROWS, ROW_CHUNK // view[1])
-    parts = -(-view[0] // rows_per_chunk)
-    sizes = np.full(parts, rows_per_chunk * (view[1] // channels), dtype=np.float64)
-    sizes[-1] = (view[0] - rows_per_chunk * (parts - 1)) * (view[1] // channels)
-    # Too few chunks of rows for the threads: split each into blocks of
-    # channels (independent columns: the same bits).
-    threads = 1 if serial else _max_threads()
-    blocks = max(1, min(-(-threads // parts), channels * inner // MIN_BLOCK_WIDTH, channels))
-    return Layout(view, False, channels, inner, count, _frozen(sizes), rows_per_chunk, blocks,
-                  serial, False, False)
+    max_blocks = max(1, min(channels * inner // MIN_BLOCK_WIDTH, channels))
+    parts, blocks = _row_split(view, channels, max_blocks, max_team)
+    # Fewer threads, not smaller tasks: two tasks a thread at most.
+    max_team = max(1, min(max_team, parts * max_blocks // 2))
+    per_row = view[1] // channels
+    sizes = np.array([((p + 1) * view[0] // parts - p * view[0] // parts) * per_row
+                      for p in range(parts)], dtype=np.float64)
+    return Layout(view, False, channels, inner, count, _frozen(sizes), 0, parts, blocks,
+                  max_blocks, max_team, False, False)
 
 
-def _max_threads():
-    from numba import config
-    return config.NUMBA_NUM_THREADS
+def _row_split(view, channels, max_blocks, max_team):
+    """``(parts, blocks)``: chunks of rows of nearly equal sizes, and the
+    blocks of channels each is cut into at least. Chunks of at least
+    ``MIN_ROWS`` rows, enough for two tasks a thread of the largest team
+    (up to ``MAX_TASKS``) where the rows and ``MAX_STATES`` allow; tasks of
+    at most ``ROW_CHUNK`` values, with blocks of channels first, then more
+    chunks, where the shape allows."""
+    rows, width = view
+    work = rows * width
+    if max_team == 1:
+        return 1, 1
+    most = max(1, rows // MIN_ROWS)
+    l2 = -(-work // ROW_CHUNK)  # tasks small enough for a core's L2
+    parts = min(most, max(1, MAX_STATES // channels), max(l2, min(MAX_TASKS, 2 * max_team)))
+    blocks = min(max_blocks, -(-l2 // parts))
+    parts = min(most, max(parts, -(-l2 // blocks)))
+    return parts, blocks
 
 
 def _frozen(a):
@@ -151,21 +211,70 @@ def _frozen(a):
     return a
 
 
-def _run(layout, name, *args):
-    """Call kernel ``name``, or its serial twin for a small ``layout`` (and in
-    a child forked from GNU OpenMP threads); see :mod:`nbbn._threads`."""
+def tasks_of(layout, team=1):
+    """Values of each statistics task of ``layout`` for a team of ``team``
+    threads, in task order (the plan the tests check; pure Python)."""
+    if layout.planes:
+        n, c, m = layout.view
+        k = -(-m // layout.chunk)
+        spans = [min(layout.chunk, m - q * layout.chunk) for q in range(k)]
+        if layout.by_channel_for(team):
+            return [sum(spans) * n] * c
+        return spans * (n * c)
+    rows, width = layout.view
+    tiles = width // (layout.channels * layout.inner)
+    blocks = layout.blocks_for(team)
+    out = []
+    for p in range(layout.parts):
+        r = (p + 1) * rows // layout.parts - p * rows // layout.parts
+        for q in range(blocks):
+            c = (q + 1) * layout.channels // blocks - q * layout.channels // blocks
+            out.append(r * tiles * c * layout.inner)
+    return out
+
+
+_numba = None
+
+
+def _crew(layout):
+    """``(team, threads)``: the threads a call on ``layout`` uses, and the
+    caller's ``numba.get_num_threads()`` (its cap, restored after the call);
+    a team of 1 runs the serial twins (also in a child forked from GNU
+    OpenMP threads, see :mod:`nbbn._threads`)."""
+    global _numba
+    if layout.max_team == 1 or not _threads.parallel_ok:
+        return 1, 1
+    if _numba is None:
+        kernels()
+        import numba
+        _numba = numba
+    threads = _numba.get_num_threads()
+    return min(threads, layout.max_team), threads
+
+
+def _run(crew, name, *args):
+    """Call kernel ``name`` on ``crew[0]`` threads (``numba.set_num_threads``
+    for the call where that is fewer than the caller's ``crew[1]``), or its
+    serial twin for one."""
+    team, threads = crew
     k = kernels()
-    if layout.serial or not _threads.parallel_ok:
+    if team == 1:
         return getattr(k, name + "_serial")(*args)
     kernel = getattr(k, name)
     lock = _threads.lock
-    if lock is None:
-        return kernel(*args)
-    with lock:
-        result = kernel(*args)
-        if _threads.layer() is None:
-            _threads.started()
-    return result
+    if team < threads:
+        _numba.set_num_threads(team)
+    try:
+        if lock is None:
+            return kernel(*args)
+        with lock:
+            result = kernel(*args)
+            if _threads.layer() is None:
+                _threads.started()
+        return result
+    finally:
+        if team < threads:
+            _numba.set_num_threads(threads)
 
 
 def _stream(layout, out):
@@ -199,11 +308,11 @@ def backward_coefficients(s_dy, s_dyx, invstd, weight, count):
 
 def moments(x, layout):
     """Per-channel mean and biased variance (float64) in one pass over ``x``."""
-    v = x.reshape(layout.view)
+    v, crew = x.reshape(layout.view), _crew(layout)
     if layout.planes:
-        return _run(layout, "plane_moments", v, PLANE_CHUNK, layout.counts)
-    return _run(layout, "row_moments", v, layout.rows_per_chunk, layout.channels,
-                layout.inner, layout.counts, layout.blocks)
+        return _run(crew, "plane_moments", v, layout.chunk, layout.counts)
+    return _run(crew, "row_moments", v, layout.parts, layout.channels, layout.inner,
+                layout.counts, layout.blocks_for(crew[0]))
 
 
 def _view(a, layout):
@@ -217,12 +326,13 @@ def affine(x, layout, scale, shift, out, *, relu=False, mask=None):
     ``mask`` (an array like ``x``): ``out`` is 0 where ``mask > 0`` is false.
     """
     v, o, m = x.reshape(layout.view), out.reshape(layout.view), _view(mask, layout)
+    crew = _crew(layout)
     if layout.planes:
-        _run(layout, "plane_affine", v, scale, shift, PLANE_CHUNK, bool(relu), m,
+        _run(crew, "plane_affine", v, scale, shift, layout.chunk, bool(relu), m,
              _stream(layout, out), o)
     else:
-        _run(layout, "row_affine", v, scale, shift, layout.channels, layout.inner,
-             bool(relu), m, o)
+        _run(crew, "row_affine", v, scale, shift, layout.channels, layout.inner, bool(relu), m,
+             o)
     return out
 
 
@@ -230,21 +340,22 @@ def grad_sums(x, dy, layout, mean, *, mask=None):
     """Per-channel ``sum(g)`` and ``sum(g * (x - mean))`` in one pass, where
     ``g`` is ``dy``, or ``dy`` where ``mask > 0`` and 0 elsewhere."""
     v, g, m = x.reshape(layout.view), dy.reshape(layout.view), _view(mask, layout)
+    crew = _crew(layout)
     if layout.planes:
-        return _run(layout, "plane_grad_sums", v, g, m, mean, PLANE_CHUNK)
-    return _run(layout, "row_grad_sums", v, g, m, mean, layout.rows_per_chunk,
-                layout.channels, layout.inner, layout.blocks)
+        return _run(crew, "plane_grad_sums", v, g, m, mean, layout.chunk)
+    return _run(crew, "row_grad_sums", v, g, m, mean, layout.parts, layout.channels,
+                layout.inner, layout.blocks_for(crew[0]))
 
 
 def grad_input(dy, x, layout, a, b, c, mean, out, *, mask=None):
     """``out = g * a + (x - mean) * b + c`` per channel, ``g`` as in :func:`grad_sums`."""
     g, v, o = dy.reshape(layout.view), x.reshape(layout.view), out.reshape(layout.view)
-    m = _view(mask, layout)
+    m, crew = _view(mask, layout), _crew(layout)
     if layout.planes:
-        _run(layout, "plane_grad_input", g, v, m, a, b, c, mean, PLANE_CHUNK,
+        _run(crew, "plane_grad_input", g, v, m, a, b, c, mean, layout.chunk,
              _stream(layout, out), o)
     else:
-        _run(layout, "row_grad_input", g, v, m, a, b, c, mean, layout.channels, layout.inner, o)
+        _run(crew, "row_grad_input", g, v, m, a, b, c, mean, layout.channels, layout.inner, o)
     return out
 
 
@@ -254,23 +365,23 @@ def train(x, layout, running_mean, running_var, factor, weight, bias, eps, relu,
     """Training forward into ``out``: ``(mean, var, invstd, updated)``, float64
     batch statistics; the running statistics (None, or updated in place unless
     the batch's are not finite) move by ``factor``."""
-    v, o = x.reshape(layout.view), out.reshape(layout.view)
+    v, o, crew = x.reshape(layout.view), out.reshape(layout.view), _crew(layout)
     if layout.planes:
-        return _run(layout, "plane_train", v, PLANE_CHUNK, layout.counts, running_mean,
-                    running_var, factor, weight, bias, eps, relu, layout.by_channel,
-                    _stream(layout, out), o)
-    return _run(layout, "row_train", v, layout.rows_per_chunk, layout.channels, layout.inner,
-                layout.counts, layout.blocks, running_mean, running_var, factor, weight, bias,
-                eps, relu, o)
+        return _run(crew, "plane_train", v, layout.chunk, layout.counts, running_mean,
+                    running_var, factor, weight, bias, eps, relu,
+                    layout.by_channel_for(crew[0]), _stream(layout, out), o)
+    return _run(crew, "row_train", v, layout.parts, layout.channels, layout.inner,
+                layout.counts, layout.blocks_for(crew[0]), running_mean, running_var, factor,
+                weight, bias, eps, relu, o)
 
 
 def evaluate(x, layout, mean, var, weight, bias, eps, relu, out):
     """Forward with given statistics (float arrays (C,)) into ``out``; returns invstd."""
-    v, o = x.reshape(layout.view), out.reshape(layout.view)
+    v, o, crew = x.reshape(layout.view), out.reshape(layout.view), _crew(layout)
     if layout.planes:
-        return _run(layout, "plane_eval", v, PLANE_CHUNK, mean, var, weight, bias, eps, relu,
+        return _run(crew, "plane_eval", v, layout.chunk, mean, var, weight, bias, eps, relu,
                     _stream(layout, out), o)
-    return _run(layout, "row_eval", v, layout.channels, layout.inner, mean, var, weight, bias,
+    return _run(crew, "row_eval", v, layout.channels, layout.inner, mean, var, weight, bias,
                 eps, relu, o)
 
 
@@ -279,10 +390,11 @@ def backward(dy, x, layout, mask, mean, invstd, weight, training, out):
     ``training``) and ``(dweight, dbias)`` in ``x``'s dtype; ``mean`` and
     ``invstd`` float64 (C,)."""
     g, v, o = dy.reshape(layout.view), x.reshape(layout.view), out.reshape(layout.view)
-    m = _view(mask, layout)
+    m, crew = _view(mask, layout), _crew(layout)
     if layout.planes:
-        return _run(layout, "plane_backward", g, v, m, mean, invstd, weight, training,
-                    PLANE_CHUNK, float(layout.count), layout.by_channel, _stream(layout, out), o)
-    return _run(layout, "row_backward", g, v, m, mean, invstd, weight, training,
-                layout.rows_per_chunk, layout.channels, layout.inner, layout.blocks,
-                float(layout.count), o)
+        return _run(crew, "plane_backward", g, v, m, mean, invstd, weight, training,
+                    layout.chunk, float(layout.count), layout.by_channel_for(crew[0]),
+                    _stream(layout, out), o)
+    return _run(crew, "row_backward", g, v, m, mean, invstd, weight, training, layout.parts,
+                layout.channels, layout.inner, layout.blocks_for(crew[0]), float(layout.count),
+                o)

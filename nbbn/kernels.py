@@ -6,13 +6,14 @@ Two memory layouts cover every input (see ``nbbn._engine.layout_of``):
 * planes: ``x`` viewed as ``(N, C, M)``; one task per chunk of an ``(n, c)``
   plane, so that few channels still keep every core busy;
 * rows: ``x`` viewed as ``(R, W)`` with ``W = T * C * M`` columns, channel of
-  column ``j`` is ``(j // M) % C``; one statistics task per fixed chunk of
-  rows (and block of channels), with per-column partial states folded to
-  per-channel states inside the task.
+  column ``j`` is ``(j // M) % C``; one statistics task per chunk of rows
+  (``parts`` chunks of nearly equal sizes) and block of channels, with
+  per-column partial states folded to per-channel states inside the task.
 
-Statistics tasks are fixed by the shape, never by the thread count, and
-partial states are merged serially in task order (channel blocks only split
-independent columns), so results are bitwise reproducible for any
+The chunks whose partial states are merged are fixed by the shape, never by
+the thread count, and merged serially in order; what a team of threads may
+add (blocks of channels, a task per channel) only splits independent
+columns or whole channels. So results are bitwise reproducible for any
 ``numba.set_num_threads``.
 
 The passes over the data (``_*_pass``) are inlined into the kernels, so that
@@ -175,22 +176,41 @@ def _plane_task(t, shape, chunk):
 
 
 @njit(cache=True)
-def _row_block(t, x, rows_per_chunk, channels, inner, blocks):
+def _row_block(t, x, parts, channels, inner, blocks):
     """(p, r0, r1, c0, c1, segments, width) of rows task ``t``: chunk ``p`` of
-    rows ``r0:r1``, channels ``c0:c1``; the block's columns are ``segments``
-    runs of ``width`` (one run of the whole row when it has every channel)."""
+    ``parts`` chunks of nearly equal sizes, rows ``r0:r1``, channels ``c0:c1``;
+    the block's columns are ``segments`` runs of ``width`` (one run of the
+    whole row when it has every channel)."""
     p, q = t // blocks, t % blocks
-    r0 = p * rows_per_chunk
+    r0, r1 = p * x.shape[0] // parts, (p + 1) * x.shape[0] // parts
     c0, c1 = q * channels // blocks, (q + 1) * channels // blocks
     if blocks == 1:
-        return p, r0, min(r0 + rows_per_chunk, x.shape[0]), 0, channels, 1, x.shape[1]
-    return (p, r0, min(r0 + rows_per_chunk, x.shape[0]), c0, c1,
-            x.shape[1] // (channels * inner), (c1 - c0) * inner)
+        return p, r0, r1, 0, channels, 1, x.shape[1]
+    return p, r0, r1, c0, c1, x.shape[1] // (channels * inner), (c1 - c0) * inner
 
 
 @njit(cache=True)
-def _row_moments_task(t, x, rows_per_chunk, channels, inner, blocks, means, m2s):
-    p, r0, r1, c0, c1, segments, width = _row_block(t, x, rows_per_chunk, channels, inner, blocks)
+def _fold_tiles(col, channels, center, out):
+    """``out[c]``: the sum over tiles of ``col[t * channels + c]`` (one column
+    per channel and tile), or of its squared deviation from ``center[c]``
+    unless ``center`` is None; tiles in order, from 0. What
+    :func:`nbbn.kernel_loops._fold_columns` gives for ``inner == 1``, in place:
+    no temporaries (a task's bookkeeping was most of a short task's time)."""
+    for c in range(channels):
+        out[c] = 0.0
+    for t in range(col.shape[0] // channels):
+        tile = col[t * channels:(t + 1) * channels]
+        if center is None:
+            for c in range(channels):
+                out[c] += tile[c]
+        else:
+            for c in range(channels):
+                out[c] += (tile[c] - center[c]) * (tile[c] - center[c])
+
+
+@njit(cache=True)
+def _row_moments_task(t, x, parts, channels, inner, blocks, means, m2s):
+    p, r0, r1, c0, c1, segments, width = _row_block(t, x, parts, channels, inner, blocks)
     stride = channels * inner
     col_mean = np.zeros(segments * width)
     for s in range(segments):
@@ -202,6 +222,16 @@ def _row_moments_task(t, x, rows_per_chunk, channels, inner, blocks, means, m2s)
                                 s * stride + c0 * inner, col_mean[s * width:(s + 1) * width])
     # Fold the tiles * inner columns of each channel: equal counts.
     tiles = x.shape[1] // stride
+    if inner == 1:
+        mean, m2, spread = means[p, c0:c1], m2s[p, c0:c1], col_m2[:c1 - c0]
+        _fold_tiles(col_mean, c1 - c0, None, mean)
+        for c in range(c1 - c0):
+            mean[c] = mean[c] / tiles
+        _fold_tiles(col_m2, c1 - c0, None, m2)
+        _fold_tiles(col_mean, c1 - c0, mean, spread)  # col_m2 is folded: reuse it
+        for c in range(c1 - c0):
+            m2[c] = m2[c] + (r1 - r0) * spread[c]
+        return
     ch_mean = _fold_columns(col_mean, c1 - c0, inner, None) / (tiles * inner)
     means[p, c0:c1] = ch_mean
     m2s[p, c0:c1] = (_fold_columns(col_m2, c1 - c0, inner, None)
@@ -209,9 +239,9 @@ def _row_moments_task(t, x, rows_per_chunk, channels, inner, blocks, means, m2s)
 
 
 @njit(cache=True)
-def _row_grad_sums_task(t, x, dy, mask, mean, rows_per_chunk, channels, inner, blocks,
+def _row_grad_sums_task(t, x, dy, mask, mean, parts, channels, inner, blocks,
                         s_dy, s_dyx):
-    p, r0, r1, c0, c1, segments, width = _row_block(t, x, rows_per_chunk, channels, inner, blocks)
+    p, r0, r1, c0, c1, segments, width = _row_block(t, x, parts, channels, inner, blocks)
     stride = channels * inner
     col_dy = np.zeros(segments * width)
     col_dyx = np.zeros(segments * width)
@@ -219,6 +249,10 @@ def _row_grad_sums_task(t, x, dy, mask, mean, rows_per_chunk, channels, inner, b
         lo = s * stride + c0 * inner
         _add_grad_columns(col_dy[s * width:(s + 1) * width], col_dyx[s * width:(s + 1) * width],
                           x, dy, mask, r0, r1, lo, mean[lo:lo + width])
+    if inner == 1:
+        _fold_tiles(col_dy, c1 - c0, None, s_dy[p, c0:c1])
+        _fold_tiles(col_dyx, c1 - c0, None, s_dyx[p, c0:c1])
+        return
     s_dy[p, c0:c1] = _fold_columns(col_dy, c1 - c0, inner, None)
     s_dyx[p, c0:c1] = _fold_columns(col_dyx, c1 - c0, inner, None)
 
@@ -237,11 +271,11 @@ def _plane_moments_pass(x, chunk):
 
 
 @njit(inline="always")
-def _row_moments_pass(x, rows_per_chunk, channels, inner, parts, blocks):
+def _row_moments_pass(x, parts, channels, inner, blocks):
     means = np.empty((parts, channels))
     m2s = np.empty((parts, channels))
     for t in prange(parts * blocks):
-        _row_moments_task(t, x, rows_per_chunk, channels, inner, blocks, means, m2s)
+        _row_moments_task(t, x, parts, channels, inner, blocks, means, m2s)
     return means, m2s
 
 
@@ -274,13 +308,12 @@ def _plane_grad_sums_pass(x, dy, mask, mean, chunk):
 
 
 @njit(inline="always")
-def _row_grad_sums_pass(x, dy, mask, mean, rows_per_chunk, channels, inner, blocks):
-    parts = _n_chunks(x.shape[0], rows_per_chunk)
+def _row_grad_sums_pass(x, dy, mask, mean, parts, channels, inner, blocks):
     s_dy = np.empty((parts, channels))
     s_dyx = np.empty((parts, channels))
     m = _expand(mean, channels, inner, x.shape[1])
     for t in prange(parts * blocks):
-        _row_grad_sums_task(t, x, dy, mask, m, rows_per_chunk, channels, inner, blocks,
+        _row_grad_sums_task(t, x, dy, mask, m, parts, channels, inner, blocks,
                             s_dy, s_dyx)
     return _sum_parts(s_dy), _sum_parts(s_dyx)
 
@@ -359,10 +392,10 @@ def plane_moments(x, chunk, counts):
 
 
 @njit(parallel=True, cache=True)
-def row_moments(x, rows_per_chunk, channels, inner, counts, blocks):
+def row_moments(x, parts, channels, inner, counts, blocks):
     """Per-channel (mean, biased variance) of ``x`` (R, W), in ``blocks``
     blocks of channels per chunk of rows."""
-    means, m2s = _row_moments_pass(x, rows_per_chunk, channels, inner, counts.shape[0], blocks)
+    means, m2s = _row_moments_pass(x, parts, channels, inner, blocks)
     return _mean_var(counts, means, m2s)
 
 
@@ -388,9 +421,9 @@ def plane_grad_sums(x, dy, mask, mean, chunk):
 
 
 @njit(parallel=True, cache=True)
-def row_grad_sums(x, dy, mask, mean, rows_per_chunk, channels, inner, blocks):
+def row_grad_sums(x, dy, mask, mean, parts, channels, inner, blocks):
     """:func:`plane_grad_sums` for ``x`` (R, W), ``mean`` (C,)."""
-    return _row_grad_sums_pass(x, dy, mask, mean, rows_per_chunk, channels, inner, blocks)
+    return _row_grad_sums_pass(x, dy, mask, mean, parts, channels, inner, blocks)
 
 
 @njit(parallel=True, cache=True)
@@ -431,10 +464,10 @@ def plane_train(x, chunk, counts, running_mean, running_var, factor, weight, bia
 
 
 @njit(parallel=True, cache=True)
-def row_train(x, rows_per_chunk, channels, inner, counts, blocks, running_mean, running_var,
+def row_train(x, parts, channels, inner, counts, blocks, running_mean, running_var,
               factor, weight, bias, eps, relu, out):
     """:func:`plane_train` for ``x`` (R, W)."""
-    means, m2s = _row_moments_pass(x, rows_per_chunk, channels, inner, counts.shape[0], blocks)
+    means, m2s = _row_moments_pass(x, parts, channels, inner, blocks)
     mean, var = _mean_var(counts, means, m2s)
     invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
     _row_affine_pass(x, scale, shift, channels, inner, relu, None, out)
@@ -482,10 +515,10 @@ def plane_backward(dy, x, mask, mean, invstd, weight, training, chunk, count, by
 
 
 @njit(parallel=True, cache=True)
-def row_backward(dy, x, mask, mean, invstd, weight, training, rows_per_chunk, channels, inner,
+def row_backward(dy, x, mask, mean, invstd, weight, training, parts, channels, inner,
                  blocks, count, out):
     """:func:`plane_backward` for (R, W) arrays."""
-    s_dy, s_dyx = _row_grad_sums_pass(x, dy, mask, mean, rows_per_chunk, channels, inner, blocks)
+    s_dy, s_dyx = _row_grad_sums_pass(x, dy, mask, mean, parts, channels, inner, blocks)
     a, b, c = _input_gradient(s_dy, s_dyx, invstd, weight, count, training)
     if training:
         _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, out)

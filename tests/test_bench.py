@@ -2,6 +2,7 @@
 options; and the engine table it shares with asv, against the float64
 reference of tests/naive.py."""
 import json
+import os
 import subprocess
 import sys
 
@@ -15,9 +16,9 @@ from nbbn.programs.bench_engines import ENGINES, TRAFFIC, make_inputs
 TINY = "4x3x5x5"
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "nbbn", "bench", *args], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=None if env is None else {**os.environ, **env})
 
 
 def test_cli_table_and_json(tmp_path):
@@ -50,6 +51,24 @@ def test_cli_float64_and_one_engine():
     assert "float64" in r.stdout and "| (6, 4) | backward |" in r.stdout
 
 
+def test_cli_thread_sweep(tmp_path):
+    """--threads 1,2: a table for each count (threading layer and CPUs in the
+    heading), the JSON's sweep, the scaling chart and each count's bars."""
+    pytest.importorskip("matplotlib")
+    path, png = tmp_path / "sweep.json", tmp_path / "scaling.png"
+    r = run_cli("--shapes", "64x40", "--ops", "forward-train", "--engines", "nbbn", "numpy",
+                "--repeat", "1", "--threads", "1,2", "--json", str(path), "--plot", str(png),
+                env={"NUMBA_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("| (64, 40) | forward-train |") == 2
+    assert ", 1 threads, float32, " in r.stdout and ", 2 threads, float32, " in r.stdout
+    assert "numba threading layer " in r.stdout and " CPUs" in r.stdout
+    sweep = json.loads(path.read_text())["sweep"]
+    assert [s["machine"]["threads"] for s in sweep] == [1, 2]
+    for p in (png, tmp_path / "scaling-1threads.png", tmp_path / "scaling-2threads.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     result = bench.run([((4, 3, 5), "forward-train"), ((4, 3, 5), "backward")],
@@ -60,7 +79,8 @@ def test_plot(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--threads", "0"], "--threads"), (["--repeat", "0"], "--repeat"),
+    (["--threads", "0"], "--threads"), (["--threads", "1,x"], "--threads"),
+    (["--threads", "1,100000"], "NUMBA_NUM_THREADS"), (["--repeat", "0"], "--repeat"),
     (["--shapes", "4x"], "shape"), (["--shapes", "7"], "shape"),
     (["--ops", "sideways"], "invalid choice"), (["--dtype", "float16"], "invalid choice")])
 def test_bad_options_are_refused(args, message):

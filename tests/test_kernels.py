@@ -41,7 +41,7 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
     counts, count = layout.counts, float(layout.count)
     out = np.empty_like(v)
     if layout.planes:
-        chunk = _engine.PLANE_CHUNK
+        chunk = layout.chunk
         _assert_same([(r, out) for r, _ in _run_both(layout, "plane_moments", v, chunk, counts)])
         for relu, mask in ((False, None), (True, None), (False, v)):
             _assert_same(_run_both(layout, "plane_affine", v, scale, shift, chunk, relu, mask,
@@ -60,7 +60,7 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
         _assert_same(_run_both(layout, "plane_eval", v, chunk, mean, rv, w, None, 1e-5, False,
                                False, out))
     else:
-        rpc, inner, blocks = layout.rows_per_chunk, layout.inner, max(2, layout.blocks)
+        rpc, inner, blocks = layout.parts, layout.inner, max(2, layout.blocks)
         _assert_same([(r, out) for r, _ in
                       _run_both(layout, "row_moments", v, rpc, c, inner, counts, blocks)])
         for relu, mask in ((False, None), (True, None), (False, v)):
@@ -90,15 +90,15 @@ def test_the_task_split_does_not_change_the_bits(shape, axis):
     dy = rng.standard_normal(shape).astype(np.float32)
     layout = _engine.layout_of(shape, axis, 4)
     k, v, g = _engine.kernels(), x.reshape(layout.view), dy.reshape(layout.view)
-    c, rpc, inner, count = layout.channels, layout.rows_per_chunk, layout.inner, layout.count
+    c, rpc, inner, count = layout.channels, layout.parts, layout.inner, layout.count
     results = []
     for split in (False, True) if layout.planes else (1, 2, 3, c):
         out, dx = np.empty_like(v), np.empty_like(v)
         if layout.planes:
-            stats = k.plane_train(v, _engine.PLANE_CHUNK, layout.counts, None, None, 0.1, None,
+            stats = k.plane_train(v, layout.chunk, layout.counts, None, None, 0.1, None,
                                   None, 1e-5, False, split, False, out)
             grads = k.plane_backward(g, v, None, stats[0], stats[2], None, True,
-                                     _engine.PLANE_CHUNK, float(count), split, False, dx)
+                                     layout.chunk, float(count), split, False, dx)
         else:
             stats = k.row_train(v, rpc, c, inner, layout.counts, split, None, None, 0.1, None,
                                 None, 1e-5, False, out)

@@ -47,32 +47,6 @@ def test_numerical_issues_long_channel():
     np.testing.assert_allclose(1 / invstd**2, [x64.var()], rtol=1e-9)
 
 
-DETERMINISM = textwrap.dedent("""
-    import numba, numpy as np, nbbn
-    cases = [((8, 6, 40, 40), 1), ((3, 2, 70000), 1), ((4000, 24), 1), ((7, 9, 9, 5), -1), ((6, 5, 30), 1)]
-    digests = []
-    for threads in (1, 2, 4):
-        numba.set_num_threads(threads)
-        out = []
-        for shape, axis in cases:
-            x = np.random.default_rng(1).standard_normal(shape).astype(np.float32) * 3 + 2
-            bn = nbbn.BatchNorm(shape[axis], axis=axis)
-            y = bn(x)
-            dx = bn.backward(np.cos(x))
-            out += [y, dx, bn.grad_gamma, bn.grad_beta, bn.running_mean, bn.running_var]
-        digests.append(b"".join(a.tobytes() for a in out))
-    print(len(set(digests)), numba.threading_layer())
-""")
-
-
-def test_bitwise_identical_for_1_2_and_4_threads(tmp_path):
-    env = dict(os.environ, NUMBA_NUM_THREADS="4", NUMBA_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", DETERMINISM], env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[0] == "1", result.stdout
-
-
 THREADED = textwrap.dedent("""
     from concurrent.futures import ThreadPoolExecutor
     import numba, numpy as np, nbbn

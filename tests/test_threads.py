@@ -142,3 +142,39 @@ def test_a_chosen_layer_is_honoured():
             "print(numba.threading_layer(), nbbn._threads.lock is None)")
     assert run_python(code, env={"NUMBA_THREADING_LAYER": "workqueue"}).split() == [
         "workqueue", "False"]
+
+
+#: Every layout at 1, 2, 3, 4 and 8 threads (teams of 1 to 8 on the same
+#: plans): planes (a task per channel for small teams, per chunk of a plane
+#: for 3 channels), rows (N, C), channels-last, 3-D rows with inner elements,
+#: 5-D both ways; many short rows, and inputs small enough for the serial
+#: twins. The same bits every time, and the caller's thread count
+#: as it was after every call.
+EVERY_TEAM = """
+import numba, numpy as np, nbbn
+cases = [((8, 32, 32, 32), 1), ((4, 3, 50000), 1), ((512, 600), 1), ((16, 20, 20, 48), -1),
+         ((256, 32, 40), 1), ((4, 8, 4, 32, 32), 1), ((4, 6, 8, 10, 64), -1),
+         ((4000, 24), 1), ((7, 9, 9, 5), -1), ((6, 5, 30), 1)]
+digests, restored = [], True
+for threads in (1, 2, 3, 4, 8):
+    numba.set_num_threads(threads)
+    out = []
+    for shape, axis in cases:
+        rng = np.random.default_rng(1)
+        x = (rng.standard_normal(shape) * 3 + 100).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        bn = nbbn.BatchNorm(shape[axis], axis=axis)
+        bn.gamma[:] = rng.uniform(0.5, 2, shape[axis])
+        y = bn(x)
+        dx = bn.backward(dy)
+        bn.eval()
+        out += [y, dx, bn.grad_gamma, bn.grad_beta, bn.running_mean, bn.running_var, bn(x)]
+        restored &= numba.get_num_threads() == threads
+    digests.append(b"".join(a.tobytes() for a in out))
+print(len(set(digests)), restored, numba.threading_layer())
+"""
+
+
+def test_bitwise_identical_for_every_team():
+    out = run_python(EVERY_TEAM, env={"NUMBA_NUM_THREADS": "8"}).split()
+    assert out[:2] == ["1", "True"], out

@@ -12,6 +12,11 @@ NumPy and torch are called as their users call them, allocating their
 outputs (``--engines ... torch-out`` adds torch writing into preallocated
 outputs too). The engines live in :mod:`nbbn.programs.bench_engines`, shared with
 the asv suite in ``asv_bench/``.
+
+``--threads 1,2,4,8`` sweeps thread counts (numba's and torch's): a table
+for each, with the threading layer and the CPUs in its heading, and with
+``--plot`` a chart of time against threads. Thread counts above
+``NUMBA_NUM_THREADS`` (by default the CPU count) need it set higher.
 """
 import argparse
 import datetime
@@ -31,7 +36,7 @@ from .pipeline import BATCHES, STEPS
 
 __all__ = ["DEFAULT_CASES", "BandwidthProbe", "measure_bandwidth", "calibrate", "sample",
            "time_call", "run", "run_pipeline", "format_table", "first_call_seconds", "startup_times", "plot",
-           "add_arguments", "main"]
+           "plot_scaling", "add_arguments", "main"]
 
 BASIC_OPS = ("forward-train", "forward-eval", "backward")
 DEFAULT_SHAPES = ((64, 64, 112, 112), (32, 256, 28, 28), (4096, 1024), (8, 16, 32, 32),
@@ -242,8 +247,9 @@ def _derive(case, bandwidth):
 def _machine(threads):
     import numba
     info = {"platform": platform.platform(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "numpy": np.__version__, "numba": numba.__version__}
+            "cpus": os.cpu_count(), "usable_cpus": _usable_cpus(), "threads": threads,
+            "python": platform.python_version(), "numpy": np.__version__,
+            "numba": numba.__version__}
     try:
         import torch
         info["torch"] = torch.__version__
@@ -254,6 +260,14 @@ def _machine(threads):
     except ValueError:  # no parallel kernel has run
         pass
     return info
+
+
+def _usable_cpus():
+    """CPUs this process may run on (its affinity), or None where unknown."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
 
 
 def _fmt_time(s):
@@ -286,6 +300,11 @@ def format_table(result):
     bw = result["bandwidth_bytes_per_s"]
     m = result["machine"]
     head = f"nbbn bench, {result['date'][:10]}, {m['threads']} threads, {result['dtype']}"
+    if "cpus" in m:
+        usable = m.get("usable_cpus")
+        head += (f", {m['cpus']} CPUs" + (f" ({usable} usable)" if usable not in (None, m["cpus"])
+                                          else "")
+                 + f", numba threading layer {m.get('threading_layer', 'not started')}")
     if bw is not None:
         head += (f", memory bandwidth {bw / 1e9:.1f} GB/s (median of "
                  f"{len(result['bandwidth_samples'])} probes taken between the samples; each "
@@ -406,6 +425,55 @@ def plot(result, path):
     plt.close(fig)
 
 
+def plot_scaling(results, path):
+    """A PNG of each case's time against the thread count (log-log), one
+    line per engine, from the results of a ``--threads`` sweep; the dotted
+    line is perfect scaling from nbbn's time at the fewest threads."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    threads = [r["machine"]["threads"] for r in results]
+    keys = [(tuple(c["shape"]), c["operation"]) for c in results[0]["cases"]]
+    cols = min(3, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.0, 4.2 * cols), 3.2 * rows + 0.4),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        cases = [next(c for c in r["cases"] if (tuple(c["shape"]), c["operation"]) == key)
+                 for r in results]
+        for engine in [e for e in ENGINES if e in cases[0]["seconds"]]:
+            ax.plot(threads, [c["seconds"].get(engine, np.nan) * 1e3 for c in cases], "o-",
+                    label=engine, linewidth=2 if engine == "nbbn" else 1)
+        base = cases[0]["seconds"].get("nbbn")
+        if base:
+            ax.plot(threads, [base * 1e3 * threads[0] / t for t in threads], ":", color="gray")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(threads, [str(t) for t in threads])
+        ax.set_title(f"{'x'.join(map(str, key[0]))} {key[1]}", fontsize=9)
+        ax.set_xlabel("threads")
+        ax.set_ylabel("ms per call")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    m = results[0]["machine"]
+    fig.suptitle(f"nbbn scaling, {results[0]['dtype']}, {m.get('cpus')} CPUs, "
+                 f"numba threading layer {m.get('threading_layer', '?')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _threads(text):
+    try:
+        threads = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected thread counts like 1,2,4,8, got {text!r}")
+    if not threads or min(threads) < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be >= 1, got {text!r}")
+    return threads
+
+
 def _shape(text):
     try:
         shape = tuple(int(v) for v in text.lower().split("x"))
@@ -419,8 +487,10 @@ def _shape(text):
 
 def add_arguments(parser):
     """Add the bench's options to an ``argparse`` parser."""
-    parser.add_argument("--threads", type=int, help="threads for nbbn and torch "
-                        "(default: numba's, NUMBA_NUM_THREADS)")
+    parser.add_argument("--threads", type=_threads, metavar="T[,T...]",
+                        help="threads for nbbn and torch (default: numba's, "
+                             "NUMBA_NUM_THREADS); several, like 1,2,4,8, sweep them: a table "
+                             "for each, and a scaling chart with --plot")
     parser.add_argument("--shapes", type=_shape, nargs="+", metavar="SHAPE",
                         help="(N, C, ...) shapes like 64x64x112x112 (default: the issue's set)")
     parser.add_argument("--ops", nargs="+", choices=OPERATIONS, metavar="OP",
@@ -452,9 +522,10 @@ def main(args):
     import numba
     if args.repeat < 1:
         raise SystemExit(f"bench: --repeat must be >= 1, got {args.repeat}")
-    if args.threads is not None and not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
-        raise SystemExit(f"bench: --threads must be in 1..{numba.config.NUMBA_NUM_THREADS} "
-                         f"(NUMBA_NUM_THREADS), got {args.threads}")
+    most = numba.config.NUMBA_NUM_THREADS
+    if args.threads is not None and max(args.threads) > most:
+        raise SystemExit(f"bench: --threads must be in 1..{most} (NUMBA_NUM_THREADS; set it "
+                         f"higher to run more threads), got {max(args.threads)}")
     if args.plot:
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
@@ -479,18 +550,30 @@ def main(args):
     def progress(text):
         print(f"  ... {text}", file=sys.stderr, flush=True)
 
-    result = run(cases, args.dtype, tuple(args.engines), args.threads, args.repeat,
-                 progress=progress)
-    if batches:
-        result["pipeline"] = run_pipeline(batches, threads=result["machine"]["threads"],
-                                          repeat=args.repeat, progress=progress)
-    if args.startup:
-        progress("import time, first call, cold compile (fresh processes)")
-        result["startup"] = startup_times(threads=result["machine"]["threads"])
-    print(format_table(result))
+    results = []
+    for threads in args.threads or (None,):
+        if threads and len(args.threads) > 1:
+            progress(f"{threads} threads")
+        result = run(cases, args.dtype, tuple(args.engines), threads, args.repeat,
+                     progress=progress)
+        if batches:
+            result["pipeline"] = run_pipeline(batches, threads=result["machine"]["threads"],
+                                              repeat=args.repeat, progress=progress)
+        if args.startup:
+            progress("import time, first call, cold compile (fresh processes)")
+            result["startup"] = startup_times(threads=result["machine"]["threads"])
+        print(format_table(result) + ("\n" if args.threads and len(args.threads) > 1 else ""),
+              flush=True)
+        results.append(result)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(results[0] if len(results) == 1 else {"sweep": results}, f, indent=1)
     if args.plot:
-        plot(result, args.plot)
+        if len(results) == 1:
+            plot(results[0], args.plot)
+        else:  # the scaling chart, and each thread count's bars beside it
+            plot_scaling(results, args.plot)
+            stem, ext = os.path.splitext(args.plot)
+            for r in results:
+                plot(r, f"{stem}-{r['machine']['threads']}threads{ext or '.png'}")
     return 0
