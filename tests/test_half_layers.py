@@ -13,6 +13,7 @@ import naive
 import nbbn
 import nbbn.functional as F
 from conftest import assert_unchanged, snapshot
+from nbbn._engine import GRAIN, layout_of
 
 try:
     import ml_dtypes
@@ -24,13 +25,13 @@ HALVES = [pytest.param(F16, id="float16"),
           pytest.param(BF16, id="bfloat16",
                        marks=pytest.mark.skipif(BF16 is None, reason="needs ml_dtypes"))]
 #: (shape, axis): serial planes, rows with short planes, (N, C), channels-last; the
-#: last two are over nbbn's serial limit (2**15 elements), so the parallel kernels run:
+#: last two are over nbbn's serial limit (2 * GRAIN elements), so the parallel kernels run:
 #: planes with a task per channel, rows split into channel blocks. bfloat16 takes the
 #: serial ones only: the kernels' code is the same for both types but for the element
 #: conversions (tests/test_half.py), and each parallel kernel is seconds of compiling.
 SHAPES = {"planes": ((3, 4, 9, 10), 1), "rows-inner": ((5, 3, 7), 1), "NC": ((33, 6), 1),
-          "channels-last": ((2, 5, 6, 3), -1), "planes-parallel": ((8, 16, 16, 17), 1),
-          "rows-parallel": ((4096, 12), 1)}
+          "channels-last": ((2, 5, 6, 3), -1), "planes-parallel": ((8, 16, 16, 36), 1),
+          "rows-parallel": ((8192, 12), 1)}
 CASES = [pytest.param(*dt.values, *shape, id=f"{dt.id}-{name}", marks=dt.marks)
          for dt in HALVES for name, shape in SHAPES.items()
          if dt.id == "float16" or "parallel" not in name]
@@ -63,6 +64,7 @@ def params(rng, channels):
 
 @pytest.mark.parametrize("dtype,shape,axis", CASES)
 def test_forward_and_backward_within_one_ulp(dtype, shape, axis):
+    assert (layout_of(shape, axis, 2).max_team > 1) == (np.prod(shape) >= 2 * GRAIN)
     rng = np.random.default_rng(18)
     x = half_input(rng, shape, dtype)
     c = shape[axis]
