@@ -266,3 +266,35 @@ def test_a_refused_input_changes_nothing():
     with pytest.raises(ValueError, match="expected 3 channels"):
         bn(np.ones((4, 5), np.float16))
     assert_unchanged(bn, before)
+
+
+def test_sync_batchnorm_on_half_slices():
+    """SyncBatchNorm over two ranks (threads sharing an Allgather), half parameters:
+    each rank's slice normalized with the whole batch's statistics, within 1 ulp, and
+    the input gradient through them. float16 only: bfloat16 runs the same passes, and
+    they are seconds of compiling each (the other tests run its conversions)."""
+    from test_mpi import on_ranks, thread_comms
+    rng = np.random.default_rng(2)
+    x = half_input(rng, (5, 3, 8, 9), F16)
+    dy = half_input(rng, (5, 3, 8, 9), F16, loc=0.0, scale=1.0)
+    bounds = [(0, 2), (2, 5)]
+
+    def rank(comm):
+        lo, hi = bounds[comm.Get_rank()]
+        bn = nbbn.SyncBatchNorm(3, dtype=F16, param_dtype=F16, comm=comm)
+        return bn(x[lo:hi]), bn.backward(dy[lo:hi]), bn.running_var, bn.grad_gamma
+
+    results = on_ranks(thread_comms(2), rank)
+    y = np.concatenate([r[0] for r in results])
+    ref, _, ref_rv, mean, invstd = naive.batch_norm(x, np.zeros(3), np.ones(3), training=True)
+    assert y.dtype == F16 and ulps(y, ref) <= 1
+    dx = np.concatenate([r[1] for r in results])
+    ref_dx, ref_dw, _ = naive.batch_norm_backward(dy, x, mean, invstd)
+    assert ulps(dx, ref_dx) <= 1 or np.allclose(dx.astype(np.float64), ref_dx,
+                                                 rtol=2 ** -8, atol=1e-12)
+    for _, _, rv, dw in results:
+        assert rv.dtype == dw.dtype == F16
+        np.testing.assert_array_equal(rv, results[0][2])  # the same on every rank
+        np.testing.assert_allclose(rv.astype(np.float64), ref_rv, rtol=2 ** -10)
+    np.testing.assert_allclose(sum(r[3].astype(np.float64) for r in results), ref_dw,
+                               rtol=2 ** -9, atol=1e-3)
