@@ -82,7 +82,8 @@ class CPU:
 
     @staticmethod
     def vector(v, name, channels):
-        """A per-channel parameter for the kernels: float32 or float64, or None."""
+        """A per-channel parameter for the kernels: float32 or float64 (a half
+        one widened), or None."""
         return check.channel_vector(v, name, channels, widen=False)
 
     @staticmethod

@@ -135,19 +135,19 @@ def widen_ir(builder, bits, bfloat):
 def narrow_ir(builder, f, bfloat):
     """float32 ``f`` (scalar or vector) as 16-bit bits, rounded to nearest even,
     overflow to inf, NaN to a quiet NaN of the same sign (bfloat16: a rounding
-    add on the bits; float16: the hardware conversion)."""
+    add on the bits, which carries into the exponent as it should; float16:
+    the hardware conversion)."""
     i16, i32 = _shaped(f.type, ir.IntType(16)), _shaped(f.type, ir.IntType(32))
     if not bfloat:
         return builder.bitcast(builder.fptrunc(f, _shaped(f.type, ir.HalfType())), i16)
     bits = builder.bitcast(f, i32)
-    a = builder.and_(bits, _constant(i32, 0x7FFFFFFF))
-    odd = builder.and_(builder.lshr(a, _constant(i32, 16)), _constant(i32, 1))
-    rounded = builder.lshr(builder.add(builder.add(a, _constant(i32, 0x7FFF)), odd),
+    top = builder.lshr(bits, _constant(i32, 16))
+    odd = builder.and_(top, _constant(i32, 1))
+    rounded = builder.lshr(builder.add(builder.add(bits, _constant(i32, 0x7FFF)), odd),
                            _constant(i32, 16))
-    nan = builder.icmp_unsigned(">", a, _constant(i32, 0x7F800000))
-    o = builder.select(nan, _constant(i32, 0x7FC0), rounded)
-    sign = builder.and_(builder.lshr(bits, _constant(i32, 16)), _constant(i32, 0x8000))
-    return builder.trunc(builder.or_(o, sign), i16)
+    quiet = builder.or_(top, _constant(i32, 0x40))  # a NaN's sign and top payload, quiet
+    o = builder.select(builder.fcmp_unordered("uno", f, f), quiet, rounded)
+    return builder.trunc(o, i16)
 
 
 def _f16_to_f32_soft(u):

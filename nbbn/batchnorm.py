@@ -339,7 +339,8 @@ class BatchNorm:
         Parameters
         ----------
         x : ndarray
-            float32 or float64 with ``num_features`` channels on ``axis``.
+            float16, bfloat16, float32 or float64 with ``num_features``
+            channels on ``axis``.
         out : ndarray, optional
             Where to write the output (shape and dtype of ``x``).
 

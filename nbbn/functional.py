@@ -32,8 +32,10 @@ def batch_norm(x: ArrayIn, running_mean: ArrayOut | None = None,
     Parameters
     ----------
     x : ndarray
-        float32 or float64 input, (N, C, ...) with ``axis=1`` or (..., C)
-        with ``axis=-1``. Never modified. A device array (anything with
+        float16, bfloat16 (``ml_dtypes.bfloat16``), float32 or float64
+        input, (N, C, ...) with ``axis=1`` or (..., C) with ``axis=-1``;
+        half inputs are computed in float64 and each output rounded
+        (docs/mixed-precision.md). Never modified. A device array (anything with
         ``__cuda_array_interface__``) runs on the GPU: the output is then a
         Numba device array (see docs/gpu.md).
     running_mean, running_var : ndarray of shape (C,), optional
@@ -164,7 +166,8 @@ def batch_norm_backward(dy: ArrayIn, x: ArrayIn, mean: ArrayIn, invstd: ArrayIn,
     dx : ndarray
         Gradient with respect to ``x``.
     dweight, dbias : ndarray of shape (C,)
-        ``sum(g * x_hat)`` and ``sum(g)`` per channel, in the dtype of ``x``,
+        ``sum(g * x_hat)`` and ``sum(g)`` per channel, in the dtype of ``x``
+        (float32 for a half ``x``, as torch's float32 parameters get),
         where ``g`` is ``dy`` (masked by ``y > 0`` with the ReLU).
     """
     relu = check.activation(activation) is not None
