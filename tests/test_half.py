@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from numba import njit
 
+from nbbn import _half as half
 from nbbn._half import f16_to_f32, f32_to_f16, kernel_view, load, store
 
 try:
@@ -77,14 +78,31 @@ def _soft(bits, x, wide, narrow):
         narrow[i] = f32_to_f16(x[i])
 
 
-def test_float16_without_hardware_conversion():
-    """The integer float16 conversions, which targets without F16C compile."""
+def test_float16_without_hardware_conversion(monkeypatch):
+    """The integer float16 conversions, which targets without F16C compile: called
+    directly, and through load and store compiled as for such a target."""
     x = np.concatenate([_boundaries(F16), np.float32([1e-8, -3e-6, 70000.0])])
     wide, narrow = np.empty(ALL16.size, np.float32), np.empty(x.size, np.uint16)
     _soft(ALL16, x, wide, narrow)
     assert_same_bits_32(wide, ALL16.view(F16).astype(np.float32))
     with np.errstate(over="ignore", invalid="ignore"):
         assert_same_bits(narrow.view(F16), x.astype(F16))
+    # the intrinsics load and store call, compiled now as for a target without F16C
+    # (their code is made where they are called; load's and store's own are cached)
+    monkeypatch.setattr(half, "hardware_float16", lambda context=None: False)
+    wide, narrow = np.empty(ALL16.size, np.float32), np.empty(x.size, np.uint16)
+    njit(_through_intrinsics)(ALL16, x, wide, narrow)
+    assert_same_bits_32(wide, ALL16.view(F16).astype(np.float32))
+    assert (wide.view(np.uint32)[ALL16 == 0x7C01] == 0x7F802000).all()  # NaN kept as is
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert_same_bits(narrow.view(F16), x.astype(F16))
+
+
+def _through_intrinsics(bits, x, wide, narrow):
+    for i in range(bits.shape[0]):
+        wide[i] = half._widen(bits[i])
+    for i in range(x.shape[0]):
+        narrow[i] = half._narrow(x[i], narrow)
 
 
 def _boundaries(dtype):
