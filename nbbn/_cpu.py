@@ -20,6 +20,11 @@ def _wide(v):
     return v.astype(np.float32) if v is not None and check.is_half(v.dtype) else v
 
 
+def _view(mask):
+    """A saved output the backward masks with (None, or an array) as the kernels take it."""
+    return None if mask is None else kernel_view(mask)
+
+
 def _write_back(running, wide, updated):
     """Store a float32 copy made by :func:`_wide` back into the half array."""
     if updated and wide is not running:
@@ -47,10 +52,6 @@ class Count:
 
     def __eq__(self, other):
         return isinstance(other, Count) and other.value == self.value
-
-
-def _view(mask):
-    return None if mask is None else kernel_view(mask)
 
 
 class CPU:
