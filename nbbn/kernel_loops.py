@@ -15,7 +15,7 @@ Span loops that write stream their stores past the caches when asked (``stream``
 Elements are read through ``load`` and written through ``store``
 (:mod:`nbbn._half`): the same loops take float32 and float64 arrays, and the
 16-bit integer views standing for float16 and bfloat16 ones, whose elements
-are widened exactly and whose results are rounded once from float64.
+are widened exactly and whose float64 results are rounded through float32.
 """
 import numpy as np
 from numba import njit
