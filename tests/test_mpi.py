@@ -278,12 +278,13 @@ def run_bounded(args, env, timeout):
 
 
 @pytest.fixture(scope="module")
-def mpi_env(tmp_path_factory):
+def mpi_env():
     """Environment for rank processes, with numba's cache already filled.
 
-    The ranks share one fresh NUMBA_CACHE_DIR; the rank script first runs
-    alone (one rank, no mpiexec) and compiles every kernel the ranks need, so
-    that they load them instead of each compiling them at once.
+    The ranks share numba's cache with the tests (the kernels this process
+    compiled are there already); the rank script first runs alone (one rank,
+    no mpiexec) and compiles any other kernel the ranks need, so that they
+    load them instead of each compiling them at once.
     """
     pytest.importorskip("mpi4py", reason="mpi4py is not installed: pip install 'nbbn[mpi]' "
                                          "to run the MPI tests")
@@ -291,8 +292,7 @@ def mpi_env(tmp_path_factory):
         pytest.skip("no mpiexec beside the Python interpreter or on PATH: "
                     "pip install 'nbbn[mpi]' to run the MPI tests")
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, PYTHONPATH=path, NUMBA_NUM_THREADS="1",
-               NUMBA_CACHE_DIR=str(tmp_path_factory.mktemp("numba_cache")))
+    env = dict(os.environ, PYTHONPATH=path, NUMBA_NUM_THREADS="1")
     out = run_bounded([sys.executable, RANK_SCRIPT], env, timeout=300)
     assert "rank 0 of 1:" in out, out
     return env

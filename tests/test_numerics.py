@@ -63,9 +63,16 @@ THREADED = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(scope="module")
+def cold_cache(tmp_path_factory):
+    """A numba cache folder the first test using it finds empty: its kernels
+    compile in the threads that call them first."""
+    return str(tmp_path_factory.mktemp("numba_cache"))
+
+
 @pytest.mark.parametrize("layer", [None, "workqueue"])
-def test_calls_from_many_python_threads(tmp_path, layer):
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+def test_calls_from_many_python_threads(cold_cache, layer):
+    env = dict(os.environ, NUMBA_CACHE_DIR=cold_cache)
     if layer:
         env["NUMBA_THREADING_LAYER"] = layer
     result = subprocess.run([sys.executable, "-c", THREADED], env=env, capture_output=True,
