@@ -9,7 +9,9 @@ summed, then its squared deviations are summed while it is still in L1, and
 block states (count, mean, M2) are merged with Chan's formula; all
 accumulation is in float64. ``relu`` variants compute ``max(v, 0)`` in the
 same pass (NaN propagates); ``mask`` variants read a saved ReLU output and
-treat the gradient as 0 where ``mask > 0`` is false, as the ReLU backward does.
+treat the gradient as 0 where ``mask > 0`` is false, as the ReLU backward does
+(every element is read and then selected: a conditional read of 16-bit
+elements has no vector instruction, so it would keep the loop scalar).
 Span loops that write stream their stores past the caches when asked (``stream``).
 
 Elements are read through ``load`` and written through ``store``
@@ -85,7 +87,8 @@ def _grad_dot(x, dy, mask, mean):
             s_dyx += g * (load(x, i) - mean)
     else:
         for i in range(x.shape[0]):
-            g = load(dy, i) + 0.0 if load(mask, i) > 0 else 0.0
+            g = load(dy, i) + 0.0
+            g = g if load(mask, i) > 0 else 0.0
             s_dy += g
             s_dyx += g * (load(x, i) - mean)
     return s_dy, s_dyx
@@ -124,7 +127,8 @@ def _affine_plain(x, a, b, relu, mask, out):
     unless ``mask`` is None)."""
     if mask is not None:
         for i in range(x.shape[0]):
-            store(out, i, load(x, i) * at(a, i) + at(b, i) if load(mask, i) > 0 else 0.0)
+            v = load(x, i) * at(a, i) + at(b, i)
+            store(out, i, v if load(mask, i) > 0 else 0.0)
     else:
         _axpb(x, a, b, relu, out)
 
@@ -162,7 +166,8 @@ def _grad_input_plain(dy, x, mask, a, b, c, mean, out):
                   + at(c, i))
     else:
         for i in range(x.shape[0]):
-            g = load(dy, i) + 0.0 if load(mask, i) > 0 else 0.0
+            g = load(dy, i) + 0.0
+            g = g if load(mask, i) > 0 else 0.0
             store(out, i, g * at(a, i) + (load(x, i) - at(mean, i)) * at(b, i) + at(c, i))
 
 
@@ -233,7 +238,8 @@ def _gradient(dy, mask, j):
     """``dy[j]`` as float64, 0 where ``mask[j] > 0`` is false (if a mask)."""
     if mask is None:
         return load(dy, j) + 0.0
-    return load(dy, j) + 0.0 if load(mask, j) > 0 else 0.0
+    g = load(dy, j) + 0.0
+    return g if load(mask, j) > 0 else 0.0
 
 
 @njit(cache=True)
