@@ -11,7 +11,9 @@ accumulation is in float64. ``relu`` variants compute ``max(v, 0)`` in the
 same pass (NaN propagates); ``mask`` variants read a saved ReLU output and
 treat the gradient as 0 where ``mask > 0`` is false, as the ReLU backward does
 (every element is read and then selected: a conditional read of 16-bit
-elements has no vector instruction, so it would keep the loop scalar).
+elements has no vector instruction, so it would keep the loop scalar). A
+selected value is named before it is stored: numba's code for a conditional
+expression written inside the call does not vectorize.
 Span loops that write stream their stores past the caches when asked (``stream``).
 
 Elements are read through ``load`` and written through ``store``
@@ -105,7 +107,8 @@ def _axpb(x, a, b, relu, out):
     if relu:
         for i in range(x.shape[0]):
             v = load(x, i) * at(a, i) + at(b, i)
-            store(out, i, 0.0 if v < 0.0 else v)
+            v = 0.0 if v < 0.0 else v
+            store(out, i, v)
     else:
         for i in range(x.shape[0]):
             store(out, i, load(x, i) * at(a, i) + at(b, i))
@@ -128,7 +131,8 @@ def _affine_plain(x, a, b, relu, mask, out):
     if mask is not None:
         for i in range(x.shape[0]):
             v = load(x, i) * at(a, i) + at(b, i)
-            store(out, i, v if load(mask, i) > 0 else 0.0)
+            v = v if load(mask, i) > 0 else 0.0
+            store(out, i, v)
     else:
         _axpb(x, a, b, relu, out)
 
