@@ -2,12 +2,33 @@
 through ``nbbn._engine``. The GPU backend (``nbbn.gpu.backend.GPU``) has the
 same methods, so the layers and the functional API run one code path on
 either device; arrays reaching a backend's compute methods are validated.
-Per-channel statistics are float64 (C,) arrays.
+Per-channel statistics are float64 (C,) arrays. Half arrays (float16,
+bfloat16) reach the kernels as their 16-bit views (``nbbn._half``); half
+parameters and running statistics as float32 copies (running statistics
+are written back).
 """
 import numpy as np
 
 from . import _engine as engine
 from . import _validation as check
+from ._half import kernel_view
+
+
+def _wide(v):
+    """Per-channel ``v`` (None, or a float array) as the kernels take it: a
+    half one as a float32 copy (exact; the kernels compile no other type for it)."""
+    return v.astype(np.float32) if v is not None and check.is_half(v.dtype) else v
+
+
+def _view(mask):
+    """A saved output the backward masks with (None, or an array) as the kernels take it."""
+    return None if mask is None else kernel_view(mask)
+
+
+def _write_back(running, wide, updated):
+    """Store a float32 copy made by :func:`_wide` back into the half array."""
+    if updated and wide is not running:
+        running[...] = wide.astype(running.dtype)
 
 
 class Count:
@@ -62,7 +83,8 @@ class CPU:
 
     @staticmethod
     def vector(v, name, channels):
-        """A per-channel parameter for the kernels: float32 or float64, or None."""
+        """A per-channel parameter for the kernels: float32 or float64 (a half
+        one widened), or None."""
         return check.channel_vector(v, name, channels, widen=False)
 
     @staticmethod
@@ -72,7 +94,7 @@ class CPU:
         if check.is_device_array(value):
             raise TypeError(f"{name} is a device array but the layer is on the CPU")
         a = np.asarray(value)
-        if a.dtype.kind not in "fiu":
+        if a.dtype.kind not in "fiu" and not check.is_half(a.dtype):
             raise TypeError(f"{name} must be a real array, got dtype {a.dtype}")
         if a.shape != (channels,):
             raise ValueError(f"{name} must have shape ({channels},), got {a.shape}")
@@ -84,6 +106,10 @@ class CPU:
     def stats(v, name, channels):
         """Per-channel statistics (mean, invstd) as float64, or None."""
         return check.channel_vector(v, name, channels)
+
+    @staticmethod
+    def check_dtype(dtype, name):
+        """Every dtype a layer accepts is computed on the CPU."""
 
     running_stats = staticmethod(check.running_stats)
     meta = staticmethod(lambda x: x)
@@ -118,49 +144,62 @@ class CPU:
     @staticmethod
     def train(x, axis, running_mean, running_var, factor, weight, bias, eps, relu, out):
         """Training forward into ``out``: ``(mean, var, invstd, updated)``."""
-        return engine.train(x, engine.layout_of(x.shape, axis, x.itemsize), running_mean,
-                            running_var, factor, weight, bias, eps, relu, out)
+        rm, rv = _wide(running_mean), _wide(running_var)
+        result = engine.train(kernel_view(x), engine.layout_of(x.shape, axis, x.itemsize), rm,
+                              rv, factor, _wide(weight), _wide(bias), eps, relu,
+                              kernel_view(out))
+        _write_back(running_mean, rm, result[3])
+        _write_back(running_var, rv, result[3])
+        return result
 
     @staticmethod
     def evaluate(x, axis, mean, var, weight, bias, eps, relu, out):
         """Forward with the given statistics into ``out``: ``(mean, invstd)``,
         those it normalized with, float64."""
         return check.channel_vector(mean, "mean", mean.shape[0]), engine.evaluate(
-            x, engine.layout_of(x.shape, axis, x.itemsize), mean, var, weight, bias, eps, relu,
-            out)
+            kernel_view(x), engine.layout_of(x.shape, axis, x.itemsize), _wide(mean),
+            _wide(var), _wide(weight), _wide(bias), eps, relu, kernel_view(out))
 
     @staticmethod
     def backward(dy, x, axis, mask, mean, invstd, weight, training, out):
-        """Input gradient into ``out``; returns ``(dweight, dbias)`` in ``x``'s dtype."""
-        return engine.backward(dy, x, engine.layout_of(x.shape, axis, x.itemsize), mask, mean,
-                               invstd, weight, training, out)
+        """Input gradient into ``out``; returns ``(dweight, dbias)`` in ``x``'s
+        dtype (float32 for a half one)."""
+        return engine.backward(kernel_view(dy), kernel_view(x),
+                               engine.layout_of(x.shape, axis, x.itemsize), _view(mask), mean,
+                               invstd, _wide(weight), training, kernel_view(out))
 
     # --- the pieces, for statistics or corrections computed in between -----------
     @staticmethod
     def moments(x, axis):
         """Per-channel ``(mean, biased variance)`` of ``x``."""
-        return engine.moments(x, engine.layout_of(x.shape, axis, x.itemsize))
+        return engine.moments(kernel_view(x), engine.layout_of(x.shape, axis, x.itemsize))
 
     @staticmethod
     def grad_sums(dy, x, axis, mask, mean):
         """Per-channel ``sum(g)`` and ``sum(g * (x - mean))``, ``g`` = ``dy`` masked."""
-        return engine.grad_sums(x, dy, engine.layout_of(x.shape, axis, x.itemsize), mean,
-                                mask=mask)
+        return engine.grad_sums(kernel_view(x), kernel_view(dy),
+                                engine.layout_of(x.shape, axis, x.itemsize), mean,
+                                mask=_view(mask))
 
     @staticmethod
     def grad_input(dy, x, axis, mask, mean, invstd, weight, s_dy, s_dyx, count, out):
         """Input gradient through statistics over ``count`` values per channel
         whose gradient sums are ``s_dy``, ``s_dyx`` (all ranks', say)."""
         layout = engine.layout_of(x.shape, axis, x.itemsize)
-        a, b, c = engine.backward_coefficients(s_dy, s_dyx, invstd, weight, count)
-        return engine.grad_input(dy, x, layout, a, b, c, mean, out, mask=mask)
+        a, b, c = engine.backward_coefficients(s_dy, s_dyx, invstd, _wide(weight), count)
+        engine.grad_input(kernel_view(dy), kernel_view(x), layout, a, b, c, mean,
+                          kernel_view(out), mask=_view(mask))
+        return out
 
     @staticmethod
     def update_running(running_mean, running_var, mean, var, count, factor):
         """The running update with batch statistics over ``count`` values;
         False (nothing changed) if they are not finite."""
-        return engine.update_running(running_mean, running_var, mean,
-                                     var * (count / (count - 1)), factor)
+        rm, rv = _wide(running_mean), _wide(running_var)
+        updated = engine.update_running(rm, rv, mean, var * (count / (count - 1)), factor)
+        _write_back(running_mean, rm, updated)
+        _write_back(running_var, rv, updated)
+        return updated
 
     @staticmethod
     def renorm(mean, var, running_mean, running_var, weight, bias, rmax, dmax, eps, factor):

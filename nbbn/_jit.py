@@ -104,6 +104,28 @@ def _tail(a, lo):
     return lambda a, lo: a
 
 
+def by_element(floats, other):
+    """A function for jitted code that calls ``floats`` when its last argument
+    (the output) is a float array and ``other`` when it is the 16-bit view of
+    a half one (see :mod:`nbbn._half`), chosen at compile time: a code path
+    only float arrays can take is never compiled for the others.
+
+    (The non-temporal stores below are for float arrays only: half elements
+    converted in 64-byte vectors of 32 and stored so were slower than plain
+    stores in the forward passes and no faster in the backward, at two threads
+    on the machine measured.)"""
+    def pick(*args):
+        raise NotImplementedError("for jitted code only")
+
+    @overload(pick)
+    def _pick(*args):
+        impl = floats if isinstance(args[-1].dtype, types.Float) else other
+        return lambda *args: impl(*args)
+
+    pick.__name__ = pick.__qualname__ = f"{floats.__name__}_or_{other.__name__}"
+    return pick
+
+
 # --- non-temporal (streaming) stores -----------------------------------------
 # Writing an array much larger than the caches through them costs a read of
 # every line before it is written (write-allocate): a third more traffic for

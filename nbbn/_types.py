@@ -19,10 +19,11 @@ class DeviceArray(Protocol):
 #: the GPU (a Numba device array), depending on where the computation runs.
 #: ``Any``, since no type describes both.
 Array: TypeAlias = Any
-#: An input: anything NumPy converts to a float32/float64 array, or a device array.
+#: An input: anything NumPy converts to a float16, bfloat16, float32 or float64
+#: array, or a device array.
 ArrayIn: TypeAlias = Union[ArrayLike, DeviceArray]
 #: An array written in place (``out=``, running statistics): a NumPy float
-#: array (float32 or float64), or a device array.
+#: array (float16, bfloat16, float32 or float64), or a device array.
 ArrayOut: TypeAlias = Union[NDArray[np.floating], DeviceArray]
 #: The channel axis: 1 for (N, C, ...) inputs, -1 for channels-last (..., C).
 Axis: TypeAlias = Literal[1, -1]

@@ -8,6 +8,40 @@ import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _F32, _F64 = FLOAT_DTYPES
+_F16 = np.dtype(np.float16)
+#: The names of the dtypes nbbn computes in: the half types are inputs (and,
+#: optionally, parameters) only; their statistics are float64 (see _half.py).
+DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+_BFLOAT16_MISSING = ("bfloat16 needs the ml_dtypes package (NumPy's bfloat16): "
+                     "pip install 'nbbn[bfloat16]'")
+
+
+def is_half(dtype):
+    """Whether ``dtype`` is float16 or bfloat16 (ml_dtypes')."""
+    return dtype.itemsize == 2 and dtype.name in ("float16", "bfloat16")
+
+
+def is_float(dtype):
+    """Whether the kernels take arrays of ``dtype``: float16, bfloat16, float32, float64."""
+    return dtype in FLOAT_DTYPES or is_half(dtype)
+
+
+def grad_dtype(dtype):
+    """The dtype of the functional API's parameter gradients for inputs of
+    ``dtype``: float32 for the half types (torch's mixed mode), else ``dtype``."""
+    return _F32 if is_half(dtype) else dtype
+
+
+def _named_bfloat16(dtype):
+    """``ml_dtypes.bfloat16``'s dtype if ``dtype`` names it (a string); None
+    otherwise. Raises TypeError when ml_dtypes is not installed."""
+    if not (isinstance(dtype, str) and dtype.strip().lower() == "bfloat16"):
+        return None
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(_BFLOAT16_MISSING) from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def is_device_array(a):
@@ -18,18 +52,21 @@ def is_device_array(a):
 
 
 def float_dtype(dtype, name="dtype"):
-    """``dtype`` as a NumPy dtype, float32 or float64."""
-    try:
-        dt = np.dtype(dtype).newbyteorder("=")
-    except TypeError:
-        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
-    if dt not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}")
+    """``dtype`` as a NumPy dtype: float16, bfloat16 (``ml_dtypes.bfloat16``,
+    or the name 'bfloat16' where ml_dtypes is installed), float32 or float64."""
+    dt = _named_bfloat16(dtype)
+    if dt is None:
+        try:
+            dt = np.dtype(dtype).newbyteorder("=")
+        except TypeError:
+            raise TypeError(f"{name} must be {DTYPE_NAMES}, got {dtype!r}") from None
+    if not is_float(dt):
+        raise TypeError(f"{name} must be {DTYPE_NAMES}, got {dtype!r}")
     return dt
 
 
 def as_array(x, name="x"):
-    """``x`` as a float32/float64 array the kernels can read.
+    """``x`` as a float16/bfloat16/float32/float64 array the kernels can read.
 
     A copy is made only when needed: other byte order, not C-contiguous, or
     read-only. The caller's array is never written to.
@@ -39,8 +76,8 @@ def as_array(x, name="x"):
         if flags.c_contiguous and flags.writeable:
             return x
     a = np.asarray(x)
-    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
-        raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+    if not is_float(a.dtype.newbyteorder("=")):
+        raise TypeError(f"{name} must have dtype {DTYPE_NAMES}, got {a.dtype}")
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
     if not (a.flags.c_contiguous and a.flags.writeable):
@@ -116,14 +153,15 @@ def check_out(out, x):
 def channel_vector(v, name, channels, widen=True):
     """A per-channel vector of shape (C,) as float64, or None. With ``widen``
     False a float32 array is returned as it is too (the kernels widen its
-    values, exactly). Arrays that need no conversion are not copied."""
+    values, exactly). Arrays that need no conversion are not copied; half
+    ones (float16, bfloat16) are widened exactly."""
     if v is None:
         return None
     if (type(v) is np.ndarray and v.shape == (channels,) and v.flags.c_contiguous
             and (v.dtype is _F64 or (v.dtype is _F32 and not widen))):
         return v
     a = np.asarray(v)
-    if a.dtype.kind not in "fiu":
+    if a.dtype.kind not in "fiu" and not is_half(a.dtype):
         raise TypeError(f"{name} must be a real array, got dtype {a.dtype}")
     if a.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), got {a.shape}")
@@ -143,8 +181,8 @@ def running_stats(mean, var, channels):
     for v, name in ((mean, "running_mean"), (var, "running_var")):
         if v is None:
             continue
-        if not isinstance(v, np.ndarray) or v.dtype.newbyteorder("=") not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a float32 or float64 NumPy array, got "
+        if not isinstance(v, np.ndarray) or not is_float(v.dtype.newbyteorder("=")):
+            raise TypeError(f"{name} must be a {DTYPE_NAMES} NumPy array, got "
                             f"{getattr(v, 'dtype', type(v).__name__)}")
         if v.shape != (channels,):
             raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")

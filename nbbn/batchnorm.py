@@ -77,7 +77,7 @@ def _channel_array(name, present, doc):
                 raise ValueError(f"{name} must be {'an array' if value is None else 'None'}: "
                                  f"the layer has {present}={getattr(self, present)}")
         else:
-            value = self._backend.parameter(value, name, self.num_features, self.dtype)
+            value = self._backend.parameter(value, name, self.num_features, self.param_dtype)
         setattr(self, private, value)
 
     return property(attrgetter(private), assign, doc=doc)
@@ -112,8 +112,16 @@ class BatchNorm:
         With ``affine``, learn beta too (torch 2's ``bias=False``: gamma only).
     axis : {1, -1}
         Channel axis: 1 for (N, C, ...) inputs, -1 for channels-last (..., C).
-    dtype : {numpy.float32, numpy.float64}
-        dtype of the parameters and running statistics.
+    dtype : {numpy.float32, numpy.float64, numpy.float16, ml_dtypes.bfloat16}
+        The inputs' dtype, and by default that of the parameters and running
+        statistics. Any of the four is accepted as input whatever it is; the
+        output and input gradient are in the input's dtype, statistics float64
+        (docs/mixed-precision.md). 'bfloat16' needs ml_dtypes.
+    param_dtype : dtype, optional
+        dtype of the parameters, running statistics and parameter gradients:
+        by default ``dtype``, or float32 for a half ``dtype`` (torch's mixed
+        precision); float16 or bfloat16 keeps them in half (torch's all-half
+        layer).
     activation : {None, 'relu'}
         Fuse ``max(y, 0)`` into the normalization pass; :meth:`backward` then
         takes the gradient of the activation's output and recovers the mask
@@ -153,14 +161,18 @@ class BatchNorm:
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
-                 axis: Axis = 1, dtype: DTypeLike = np.float32, activation: Activation = None,
+                 axis: Axis = 1, dtype: DTypeLike = np.float32,
+                 param_dtype: DTypeLike | None = None, activation: Activation = None,
                  virtual_batch_size: int | None = None, comm: Comm | None = None,
                  device: Device = "cpu") -> None:
         self.num_features: int = check.num_features(num_features)
         self.eps: float = check.eps(eps)
         self.momentum: float | None = check.momentum(momentum, allow_none=True)
         self.axis: Axis = check.check_axis(axis)
-        self.dtype: np.dtype[np.floating] = check.float_dtype(dtype)
+        self.dtype: np.dtype[Any] = check.float_dtype(dtype)
+        self.param_dtype: np.dtype[Any] = (
+            check.float_dtype(param_dtype, "param_dtype") if param_dtype is not None
+            else check.grad_dtype(self.dtype))
         self.activation: Activation = check.activation(activation)
         self.virtual_batch_size: int | None = check.virtual_batch_size(virtual_batch_size)
         self._collective = None
@@ -209,6 +221,8 @@ class BatchNorm:
                    "device": self.device if self.device != "cpu" else None}
         return (f"{type(self).__name__}({self.num_features}, {self._settings()}, "
                 f"axis={self.axis}, dtype={self.dtype.name}"
+                + (f", param_dtype={self.param_dtype.name}"
+                   if self.param_dtype != check.grad_dtype(self.dtype) else "")
                 + "".join(f", {k}={v!r}" for k, v in options.items() if v is not None) + ")")
 
     def _settings(self):
@@ -220,8 +234,8 @@ class BatchNorm:
         """Running mean 0, running variance 1, ``num_batches_tracked`` 0 (torch's)."""
         if self.track_running_stats:
             c, b = self.num_features, self._backend
-            self.running_mean = b.full(c, 0.0, self.dtype)
-            self.running_var = b.full(c, 1.0, self.dtype)
+            self.running_mean = b.full(c, 0.0, self.param_dtype)
+            self.running_var = b.full(c, 1.0, self.param_dtype)
         else:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
@@ -230,8 +244,8 @@ class BatchNorm:
         """:meth:`reset_running_stats`, and gamma 1, beta 0 (torch's)."""
         self.reset_running_stats()
         c, b = self.num_features, self._backend
-        self.gamma = b.full(c, 1.0, self.dtype) if self.affine else None
-        self.beta = b.full(c, 0.0, self.dtype) if self.bias else None
+        self.gamma = b.full(c, 1.0, self.param_dtype) if self.affine else None
+        self.beta = b.full(c, 0.0, self.param_dtype) if self.bias else None
 
     def train(self, mode: bool = True) -> Self:
         """Set training mode (batch statistics, running updates); return self."""
@@ -258,10 +272,15 @@ class BatchNorm:
         ------
         RuntimeError
             ``'cuda'`` without a GPU (nor ``NUMBA_ENABLE_CUDASIM=1``).
+        TypeError
+            ``'cuda'`` for a layer of a half ``dtype`` or ``param_dtype``
+            (the GPU path computes float32 and float64 only); nothing is moved.
         """
         backend = _backend(device)
         if backend is self._backend:
             return self
+        backend.check_dtype(self.dtype, "dtype")
+        backend.check_dtype(self.param_dtype, "param_dtype")
         tracked = self.num_batches_tracked
         for name in ("_gamma", "_beta", "_running_mean", "_running_var", "grad_gamma",
                      "grad_beta"):
@@ -301,7 +320,7 @@ class BatchNorm:
                 new[k] = int(v)
             else:
                 new[k] = self._backend.put(
-                    check.channel_vector(v, k, self.num_features).astype(self.dtype))
+                    check.channel_vector(v, k, self.num_features).astype(self.param_dtype))
         for k, attr in zip(_STATE_KEYS, ("gamma", "beta", "running_mean", "running_var",
                                          "num_batches_tracked")):
             if k in new:
@@ -320,7 +339,8 @@ class BatchNorm:
         Parameters
         ----------
         x : ndarray
-            float32 or float64 with ``num_features`` channels on ``axis``.
+            float16, bfloat16, float32 or float64 with ``num_features``
+            channels on ``axis``.
         out : ndarray, optional
             Where to write the output (shape and dtype of ``x``).
 
@@ -466,11 +486,11 @@ class BatchNorm:
             error = err
         grads = [self._backward_group(saved, g, dy, out, error) for g in saved.groups]
         if not grads:  # an empty batch
-            grads = [(b.full(self.num_features, 0.0, self.dtype),) * 2]
+            grads = [(b.full(self.num_features, 0.0, self.param_dtype),) * 2]
         if self.affine:
-            self.grad_gamma = b.channel_sum([g[0] for g in grads], self.dtype)
+            self.grad_gamma = b.channel_sum([g[0] for g in grads], self.param_dtype)
         if self.bias:
-            self.grad_beta = b.channel_sum([g[1] for g in grads], self.dtype)
+            self.grad_beta = b.channel_sum([g[1] for g in grads], self.param_dtype)
         return out
 
     def _backward_group(self, saved, group, dy, out, error):

@@ -20,15 +20,15 @@ def fold_linear(bn: BatchNorm, weight: ArrayLike, bias: ArrayLike | None = None
         In evaluation mode, with running statistics, ``num_features`` equal
         to ``weight.shape[0]``. Not modified.
     weight : ndarray of shape (out_features, in_features)
-        float32 or float64 Linear weight. Not modified.
+        float16, bfloat16, float32 or float64 Linear weight. Not modified.
     bias : array_like of shape (out_features,), optional
         The Linear bias; None for a layer without one.
 
     Returns
     -------
     weight, bias : ndarray
-        New arrays in the dtype of ``weight`` such that, in evaluation mode,
-        ``bn(x @ weight.T + bias)`` equals ``x @ weight_new.T + bias_new``
+        New arrays in the dtype of ``weight`` (computed in float64, rounded
+        once) such that, in evaluation mode, ``bn(x @ weight.T + bias)`` equals ``x @ weight_new.T + bias_new``
         (up to rounding). ``bias`` is always returned, even when None was given.
         A fused activation (``activation='relu'``) is not folded: apply it to
         the folded layer's output.
@@ -57,8 +57,9 @@ def fold_conv(bn: BatchNorm, weight: ArrayLike, bias: ArrayLike | None = None
     bn : BatchNorm or BatchRenorm
         As for :func:`fold_linear`.
     weight : ndarray of shape (out_channels, in_channels / groups, *kernel)
-        float32 or float64 convolution weight, with one or more spatial
-        dimensions (``Conv1d``/``Conv2d``/``Conv3d`` layout). Not modified.
+        float16, bfloat16, float32 or float64 convolution weight, with one
+        or more spatial dimensions (``Conv1d``/``Conv2d``/``Conv3d``
+        layout). Not modified.
     bias : array_like of shape (out_channels,), optional
         The convolution bias; None for a layer without one.
 
@@ -99,8 +100,8 @@ def _fold(bn, weight, bias, kind, min_ndim):
         raise ValueError("bn keeps no running statistics (track_running_stats=False): it "
                          "normalizes with batch statistics and cannot be folded")
     w = np.asarray(weight)
-    if w.dtype.kind != "f" or w.dtype.itemsize not in (4, 8):
-        raise TypeError(f"weight must have dtype float32 or float64, got {w.dtype}")
+    if not check.is_float(w.dtype.newbyteorder("=")):
+        raise TypeError(f"weight must have dtype {check.DTYPE_NAMES}, got {w.dtype}")
     if kind == "Linear" and w.ndim != 2:
         raise ValueError(f"Linear weight must be 2-D (out_features, in_features), got shape "
                          f"{w.shape}")

@@ -32,8 +32,10 @@ def batch_norm(x: ArrayIn, running_mean: ArrayOut | None = None,
     Parameters
     ----------
     x : ndarray
-        float32 or float64 input, (N, C, ...) with ``axis=1`` or (..., C)
-        with ``axis=-1``. Never modified. A device array (anything with
+        float16, bfloat16 (``ml_dtypes.bfloat16``), float32 or float64
+        input, (N, C, ...) with ``axis=1`` or (..., C) with ``axis=-1``;
+        half inputs are computed in float64 and each output rounded
+        (docs/mixed-precision.md). Never modified. A device array (anything with
         ``__cuda_array_interface__``) runs on the GPU: the output is then a
         Numba device array (see docs/gpu.md).
     running_mean, running_var : ndarray of shape (C,), optional
@@ -164,7 +166,8 @@ def batch_norm_backward(dy: ArrayIn, x: ArrayIn, mean: ArrayIn, invstd: ArrayIn,
     dx : ndarray
         Gradient with respect to ``x``.
     dweight, dbias : ndarray of shape (C,)
-        ``sum(g * x_hat)`` and ``sum(g)`` per channel, in the dtype of ``x``,
+        ``sum(g * x_hat)`` and ``sum(g)`` per channel, in the dtype of ``x``
+        (float32 for a half ``x``, as torch's float32 parameters get),
         where ``g`` is ``dy`` (masked by ``y > 0`` with the ReLU).
     """
     relu = check.activation(activation) is not None
@@ -172,7 +175,7 @@ def batch_norm_backward(dy: ArrayIn, x: ArrayIn, mean: ArrayIn, invstd: ArrayIn,
     x = backend.input(x)  # (the checked array; mypy keeps its declared type: the ignores)
     if x.ndim == 1 and x.size == 0:  # type: ignore[union-attr]  # torch's degenerate case
         dy = backend.like(dy, x, "dy")
-        zeros = backend.full(0, 0.0, x.dtype)  # type: ignore[union-attr]
+        zeros = backend.full(0, 0.0, check.grad_dtype(x.dtype))  # type: ignore[union-attr]
         return backend.output(out, x), zeros, zeros
     channels = check.check_input(backend.meta(x), check.check_axis(axis))
     dy = backend.like(dy, x, "dy")
@@ -182,7 +185,7 @@ def batch_norm_backward(dy: ArrayIn, x: ArrayIn, mean: ArrayIn, invstd: ArrayIn,
     mask = check.saved_output(y, x, relu, backend.like)
     out = backend.output(out, x)
     if not x.size:  # type: ignore[union-attr]  # no samples: no gradient
-        zeros = backend.full(channels, 0.0, x.dtype)  # type: ignore[union-attr]
+        zeros = backend.full(channels, 0.0, check.grad_dtype(x.dtype))  # type: ignore[union-attr]
         return out, zeros, zeros
     dweight, dbias = backend.backward(dy, x, axis, mask, mean, invstd, weight, bool(training),
                                       out)

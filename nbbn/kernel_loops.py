@@ -9,14 +9,24 @@ summed, then its squared deviations are summed while it is still in L1, and
 block states (count, mean, M2) are merged with Chan's formula; all
 accumulation is in float64. ``relu`` variants compute ``max(v, 0)`` in the
 same pass (NaN propagates); ``mask`` variants read a saved ReLU output and
-treat the gradient as 0 where ``mask > 0`` is false, as the ReLU backward does.
+treat the gradient as 0 where ``mask > 0`` is false, as the ReLU backward does
+(every element is read and then selected: a conditional read of 16-bit
+elements has no vector instruction, so it would keep the loop scalar). A
+selected value is named before it is stored: numba's code for a conditional
+expression written inside the call does not vectorize.
 Span loops that write stream their stores past the caches when asked (``stream``).
+
+Elements are read through ``load`` and written through ``store``
+(:mod:`nbbn._half`): the same loops take float32 and float64 arrays, and the
+16-bit integer views standing for float16 and bfloat16 ones, whose elements
+are widened exactly and whose float64 results are rounded through float32.
 """
 import numpy as np
 from numba import njit
 
-from ._jit import (STREAM_BYTES, at, head, row, store_fence, stream_axpb, stream_grad_input,
-                   tail)
+from ._half import load, store
+from ._jit import (STREAM_BYTES, at, by_element, head, row, store_fence, stream_axpb,
+                   stream_grad_input, tail)
 
 #: Elements whose second moment is taken while they sit in L1.
 BLOCK = 2048
@@ -31,7 +41,7 @@ _REDUCE = {"reassoc", "nsz", "contract"}
 def _sum(x):
     acc = 0.0
     for i in range(x.shape[0]):
-        acc += x[i]
+        acc += load(x, i)
     return acc
 
 
@@ -39,7 +49,7 @@ def _sum(x):
 def _sum_squared_deviations(x, mean):
     acc = 0.0
     for i in range(x.shape[0]):
-        d = x[i] - mean
+        d = load(x, i) - mean
         acc += d * d
     return acc
 
@@ -74,14 +84,15 @@ def _grad_dot(x, dy, mask, mean):
     s_dyx = 0.0
     if mask is None:
         for i in range(x.shape[0]):
-            g = dy[i] + 0.0
+            g = load(dy, i) + 0.0
             s_dy += g
-            s_dyx += g * (x[i] - mean)
+            s_dyx += g * (load(x, i) - mean)
     else:
         for i in range(x.shape[0]):
-            g = dy[i] + 0.0 if mask[i] > 0 else 0.0
+            g = load(dy, i) + 0.0
+            g = g if load(mask, i) > 0 else 0.0
             s_dy += g
-            s_dyx += g * (x[i] - mean)
+            s_dyx += g * (load(x, i) - mean)
     return s_dy, s_dyx
 
 
@@ -95,11 +106,12 @@ def _grad_dot(x, dy, mask, mean):
 def _axpb(x, a, b, relu, out):
     if relu:
         for i in range(x.shape[0]):
-            v = x[i] * at(a, i) + at(b, i)
-            out[i] = 0.0 if v < 0.0 else v
+            v = load(x, i) * at(a, i) + at(b, i)
+            v = 0.0 if v < 0.0 else v
+            store(out, i, v)
     else:
         for i in range(x.shape[0]):
-            out[i] = x[i] * at(a, i) + at(b, i)
+            store(out, i, load(x, i) * at(a, i) + at(b, i))
 
 
 @njit(cache=True)
@@ -118,18 +130,16 @@ def _affine_plain(x, a, b, relu, mask, out):
     unless ``mask`` is None)."""
     if mask is not None:
         for i in range(x.shape[0]):
-            out[i] = x[i] * at(a, i) + at(b, i) if mask[i] > 0 else 0.0
+            v = load(x, i) * at(a, i) + at(b, i)
+            v = v if load(mask, i) > 0 else 0.0
+            store(out, i, v)
     else:
         _axpb(x, a, b, relu, out)
 
 
 @njit(cache=True)
-def _affine_span(x, a, b, relu, mask, stream, out):
-    """:func:`_affine_plain` with scalar coefficients, with non-temporal stores
-    if ``stream`` (and no ``mask``)."""
-    if mask is not None or not stream:
-        _affine_plain(x, a, b, relu, mask, out)
-        return
+def _axpb_streamed(x, a, b, relu, out):
+    """:func:`_axpb` with scalar coefficients and non-temporal stores (float arrays)."""
     start, body = _stream_parts(out)
     _axpb(x[:start], a, b, relu, out[:start])
     for i in range(start, body, STREAM_BYTES // out.itemsize):
@@ -138,30 +148,57 @@ def _affine_span(x, a, b, relu, mask, stream, out):
     store_fence()
 
 
+# Non-temporal stores are float vectors: half outputs take the plain stores.
+_axpb_stream = by_element(_axpb_streamed, _axpb)
+
+
+@njit(cache=True)
+def _affine_span(x, a, b, relu, mask, stream, out):
+    """:func:`_affine_plain` with scalar coefficients, with non-temporal stores
+    if ``stream`` (and no ``mask``; float arrays only)."""
+    if mask is not None or not stream:
+        _affine_plain(x, a, b, relu, mask, out)
+    else:
+        _axpb_stream(x, a, b, relu, out)
+
+
 @njit(cache=True)
 def _grad_input_plain(dy, x, mask, a, b, c, mean, out):
     if mask is None:
         for i in range(x.shape[0]):
-            out[i] = dy[i] * at(a, i) + (x[i] - at(mean, i)) * at(b, i) + at(c, i)
+            store(out, i, load(dy, i) * at(a, i) + (load(x, i) - at(mean, i)) * at(b, i)
+                  + at(c, i))
     else:
         for i in range(x.shape[0]):
-            g = dy[i] + 0.0 if mask[i] > 0 else 0.0
-            out[i] = g * at(a, i) + (x[i] - at(mean, i)) * at(b, i) + at(c, i)
+            g = load(dy, i) + 0.0
+            g = g if load(mask, i) > 0 else 0.0
+            store(out, i, g * at(a, i) + (load(x, i) - at(mean, i)) * at(b, i) + at(c, i))
 
 
 @njit(cache=True)
-def _grad_input_span(dy, x, mask, a, b, c, mean, stream, out):
-    """``out = g * a + (x - mean) * b + c``, ``g`` being ``dy``, or 0 where
-    ``mask > 0`` is false; scalar coefficients; non-temporal stores if ``stream``."""
-    if not stream:
-        _grad_input_plain(dy, x, mask, a, b, c, mean, out)
-        return
+def _grad_input_streamed(dy, x, mask, a, b, c, mean, out):
+    """:func:`_grad_input_plain` with scalar coefficients and non-temporal
+    stores (float arrays)."""
     start, body = _stream_parts(out)
     _grad_input_plain(dy[:start], x[:start], head(mask, start), a, b, c, mean, out[:start])
     for i in range(start, body, STREAM_BYTES // out.itemsize):
         stream_grad_input(dy, x, mask, i, a, b, c, mean, out)
     _grad_input_plain(dy[body:], x[body:], tail(mask, body), a, b, c, mean, out[body:])
     store_fence()
+
+
+_grad_input_stream = by_element(_grad_input_streamed, _grad_input_plain)
+
+
+@njit(cache=True)
+def _grad_input_span(dy, x, mask, a, b, c, mean, stream, out):
+    """``out = g * a + (x - mean) * b + c``, ``g`` being ``dy``, or 0 where
+    ``mask > 0`` is false; scalar coefficients; non-temporal stores if
+    ``stream`` (float arrays only)."""
+    if not stream:
+        _grad_input_plain(dy, x, mask, a, b, c, mean, out)
+    else:
+        _grad_input_stream(dy, x, mask, a, b, c, mean, out)
 
 
 # Column sums over rows r0..r1, columns lo..lo+len(acc), of (R, W) arrays into
@@ -174,12 +211,12 @@ def _add_columns(acc, x, r0, r1, lo):
     while r + 4 <= r1:
         a, b, c, d = x[r, lo:hi], x[r + 1, lo:hi], x[r + 2, lo:hi], x[r + 3, lo:hi]
         for j in range(acc.shape[0]):
-            acc[j] += (a[j] + 0.0 + b[j]) + (c[j] + 0.0 + d[j])
+            acc[j] += (load(a, j) + 0.0 + load(b, j)) + (load(c, j) + 0.0 + load(d, j))
         r += 4
     for k in range(r, r1):
         a = x[k, lo:hi]
         for j in range(acc.shape[0]):
-            acc[j] += a[j]
+            acc[j] += load(a, j)
 
 
 @njit(cache=True)
@@ -189,13 +226,14 @@ def _add_squared_deviations(acc, x, r0, r1, lo, mean):
     while r + 4 <= r1:
         a, b, c, d = x[r, lo:hi], x[r + 1, lo:hi], x[r + 2, lo:hi], x[r + 3, lo:hi]
         for j in range(acc.shape[0]):
-            da, db, dc, dd = a[j] - mean[j], b[j] - mean[j], c[j] - mean[j], d[j] - mean[j]
+            m = mean[j]
+            da, db, dc, dd = load(a, j) - m, load(b, j) - m, load(c, j) - m, load(d, j) - m
             acc[j] += (da * da + db * db) + (dc * dc + dd * dd)
         r += 4
     for k in range(r, r1):
         a = x[k, lo:hi]
         for j in range(acc.shape[0]):
-            da = a[j] - mean[j]
+            da = load(a, j) - mean[j]
             acc[j] += da * da
 
 
@@ -203,8 +241,9 @@ def _add_squared_deviations(acc, x, r0, r1, lo, mean):
 def _gradient(dy, mask, j):
     """``dy[j]`` as float64, 0 where ``mask[j] > 0`` is false (if a mask)."""
     if mask is None:
-        return dy[j] + 0.0
-    return dy[j] + 0.0 if mask[j] > 0 else 0.0
+        return load(dy, j) + 0.0
+    g = load(dy, j) + 0.0
+    return g if load(mask, j) > 0 else 0.0
 
 
 @njit(cache=True)
@@ -221,15 +260,15 @@ def _add_grad_columns(s_dy, s_dyx, x, dy, mask, r0, r1, lo, mean):
             gc, gd = _gradient(dc, mc, j), _gradient(dd, md, j)
             m = mean[j]
             s_dy[j] += (ga + gb) + (gc + gd)
-            s_dyx[j] += ((ga * (xa[j] - m) + gb * (xb[j] - m))
-                         + (gc * (xc[j] - m) + gd * (xd[j] - m)))
+            s_dyx[j] += ((ga * (load(xa, j) - m) + gb * (load(xb, j) - m))
+                         + (gc * (load(xc, j) - m) + gd * (load(xd, j) - m)))
         r += 4
     for k in range(r, r1):
         xk, dk, mk = x[k, lo:hi], dy[k, lo:hi], row(mask, k, lo, hi)
         for j in range(s_dy.shape[0]):
             g = _gradient(dk, mk, j)
             s_dy[j] += g
-            s_dyx[j] += g * (xk[j] - mean[j])
+            s_dyx[j] += g * (load(xk, j) - mean[j])
 
 
 @njit(cache=True)

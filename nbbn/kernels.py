@@ -29,6 +29,7 @@ for small inputs): same tasks, same order, same bits.
 import numpy as np
 from numba import njit, prange
 
+from ._half import float_empty
 from ._jit import row, serial_twin, span
 from .kernel_loops import (_add_columns, _add_grad_columns, _add_squared_deviations,
                            _affine_plain, _affine_span, _expand, _fold_columns, _grad_dot,
@@ -147,9 +148,10 @@ def _track(running_mean, running_var, mean, var, count, factor):
 
 @njit(cache=True)
 def _cast_gradients(s_dy, s_dyx, invstd, dtype_like):
-    """``(dweight, dbias) = (s_dyx * invstd, s_dy)`` in the dtype of ``dtype_like``."""
-    dweight = np.empty(s_dy.shape[0], dtype_like.dtype)
-    dbias = np.empty(s_dy.shape[0], dtype_like.dtype)
+    """``(dweight, dbias) = (s_dyx * invstd, s_dy)`` in the dtype of ``dtype_like``
+    (float32 for a half one)."""
+    dweight = float_empty(s_dy.shape[0], dtype_like)
+    dbias = float_empty(s_dy.shape[0], dtype_like)
     for c in range(s_dy.shape[0]):
         dweight[c] = s_dyx[c] * invstd[c]
         dbias[c] = s_dy[c]

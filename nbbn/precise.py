@@ -94,8 +94,8 @@ def precise_statistics(layers: Iterable[BatchNorm]) -> Iterator[None]:
         results = [layer._recorder.result() for layer in layers]
         for layer, (mean, var, _) in zip(layers, results):
             b = layer._backend
-            layer.running_mean = b.put(mean.astype(layer.dtype))
-            layer.running_var = b.put(var.astype(layer.dtype))
+            layer.running_mean = b.put(mean.astype(layer.param_dtype))
+            layer.running_var = b.put(var.astype(layer.param_dtype))
     finally:
         for layer, mode in zip(layers, modes):
             layer._recorder = None

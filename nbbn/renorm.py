@@ -68,7 +68,7 @@ class BatchRenorm(BatchNorm):
         Update rate of the moving statistics; None for the cumulative average.
     affine : bool
         Learn gamma (``gamma``) and beta (``beta``).
-    bias, axis, dtype, activation, virtual_batch_size, comm, device
+    bias, axis, dtype, param_dtype, activation, virtual_batch_size, comm, device
         As :class:`~nbbn.BatchNorm`.
 
     Attributes
@@ -99,11 +99,12 @@ class BatchRenorm(BatchNorm):
     def __init__(self, num_features: int, rmax: float = 3.0, dmax: float = 5.0,
                  eps: float = 1e-5, momentum: float | None = 0.01, affine: bool = True, *,
                  bias: bool = True, axis: Axis = 1, dtype: DTypeLike = np.float32,
-                 activation: Activation = None, virtual_batch_size: int | None = None,
-                 comm: Comm | None = None, device: Device = "cpu") -> None:
+                 param_dtype: DTypeLike | None = None, activation: Activation = None,
+                 virtual_batch_size: int | None = None, comm: Comm | None = None,
+                 device: Device = "cpu") -> None:
         self._correction = Renorm(rmax, dmax)
         super().__init__(num_features, eps, momentum, affine, True, bias=bias, axis=axis,
-                         dtype=dtype, activation=activation,
+                         dtype=dtype, param_dtype=param_dtype, activation=activation,
                          virtual_batch_size=virtual_batch_size, comm=comm, device=device)
 
     @property

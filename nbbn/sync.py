@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from ._engine import merge_moments
+from ._validation import grad_dtype
 from .batchnorm import BatchNorm
 from ._types import Activation, Axis, Comm, Device
 
@@ -124,12 +125,12 @@ class Collective:
         for row in rows[1:]:  # fixed order: the same bits on every rank
             total += row[1:]
         if local is None:
-            zeros = backend.put(np.zeros(channels, x.dtype))
+            zeros = backend.put(np.zeros(channels, grad_dtype(x.dtype)))
             return zeros, zeros
         backend.grad_input(dy, x, axis, mask, group.mean, group.invstd, group.weight,
                            backend.put(total[:channels]), backend.put(total[channels:]),
                            group.count, out)
-        return backend.gradients(local[0], local[1], group.invstd, x.dtype)
+        return backend.gradients(local[0], local[1], group.invstd, grad_dtype(x.dtype))
 
 
 class SyncBatchNorm(BatchNorm):
@@ -148,7 +149,7 @@ class SyncBatchNorm(BatchNorm):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, bias, axis, dtype, activation, virtual_batch_size, device
+    num_features, eps, momentum, affine, track_running_stats, bias, axis, dtype, param_dtype, activation, virtual_batch_size, device
         As :class:`BatchNorm`.
     comm : mpi4py.MPI.Comm, optional
         The ranks that share a batch; default ``MPI.COMM_WORLD`` (importing
@@ -188,11 +189,12 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
-                 axis: Axis = 1, dtype: DTypeLike = np.float32, activation: Activation = None,
+                 axis: Axis = 1, dtype: DTypeLike = np.float32,
+                 param_dtype: DTypeLike | None = None, activation: Activation = None,
                  virtual_batch_size: int | None = None, comm: Comm | None = None,
                  device: Device = "cpu") -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias,
-                         axis=axis, dtype=dtype, activation=activation,
+                         axis=axis, dtype=dtype, param_dtype=param_dtype, activation=activation,
                          virtual_batch_size=virtual_batch_size,
                          comm=_comm_world() if comm is None else comm, device=device)
 
@@ -217,7 +219,8 @@ class SyncBatchNorm(BatchNorm):
             raise TypeError(f"bn must be a BatchNorm, got {type(bn).__name__} (a BatchRenorm "
                             "is synchronized by its own comm= argument)")
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                  bias=bn.bias, axis=bn.axis, dtype=bn.dtype, activation=bn.activation,
+                  bias=bn.bias, axis=bn.axis, dtype=bn.dtype, param_dtype=bn.param_dtype,
+                  activation=bn.activation,
                   virtual_batch_size=bn.virtual_batch_size, comm=comm, device=bn.device)
         new.load_state_dict(bn.state_dict())
         return new.train(bn.training)

@@ -15,7 +15,7 @@ def bn():
     return layer
 
 
-@pytest.mark.parametrize("dtype", [np.int64, np.int32, bool, np.complex64, object, np.float16])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, bool, np.complex64, object, np.int16])
 def test_non_float_dtype_is_a_type_error(bn, dtype):
     before = snapshot(bn)
     with pytest.raises(TypeError, match=np.dtype(dtype).name):
@@ -87,7 +87,7 @@ def test_load_state_dict_all_or_nothing(bn, sd_change, match):
     (dict(num_features=3, eps=0), ValueError), (dict(num_features=3, eps=-1.0), ValueError),
     (dict(num_features=3, momentum=float("nan")), ValueError),
     (dict(num_features=3, momentum=float("inf")), ValueError), (dict(num_features=3, axis=2), ValueError),
-    (dict(num_features=3, dtype=np.int32), TypeError), (dict(num_features=3, dtype=np.float16), TypeError),
+    (dict(num_features=3, dtype=np.int32), TypeError), (dict(num_features=3, dtype=np.complex64), TypeError),
 ])
 def test_constructor_errors(kwargs, error):
     with pytest.raises(error):

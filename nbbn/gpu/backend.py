@@ -167,12 +167,26 @@ def _upload(a):
     return d
 
 
+def check_dtype(dtype, name):
+    """Refuse the half types (float16, bfloat16), which the CPU path takes
+    and this one does not compute in yet, naming the dtype and the device."""
+    if check.is_half(dtype):
+        raise TypeError(f"{name} is {dtype.name}, which the GPU path (device='cuda') does not "
+                        "take: it computes in float32 or float64; use those on the GPU, or "
+                        "the CPU for half precision")
+
+
 def as_input(x, name="x"):
     """``x`` as a float32/float64 C-contiguous device array; NumPy input
     (anything not on the device) is validated as on the CPU and copied."""
     if not is_device_array(x):
+        dtype = np.asarray(x).dtype
+        check_dtype(dtype, f"{name}'s dtype")
+        if dtype.kind != "f" or dtype.itemsize not in (4, 8):
+            raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
         return _upload(check.as_array(x, name))
     a = _device_view(x)
+    check_dtype(a.dtype, f"{name}'s dtype")
     if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
     if not a.is_c_contiguous():
@@ -276,6 +290,8 @@ def _running_stats(mean, var, channels):
         if v is None:
             continue
         a = _device_view(v) if is_device_array(v) else v
+        if isinstance(getattr(a, "dtype", None), np.dtype):
+            check_dtype(a.dtype, f"{name}'s dtype")
         if not isinstance(a, np.ndarray) and not is_device_array(a) or \
                 a.dtype.newbyteorder("=") not in check.FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float32 or float64 NumPy or device array, got "
@@ -514,6 +530,7 @@ class GPU:
         v = _vector(v, name, channels)
         return None if v is None else astype(v, np.float64)
 
+    check_dtype = staticmethod(check_dtype)
     running_stats = staticmethod(_running_stats)
     meta = staticmethod(meta)
     shares_memory = staticmethod(shares_memory)
