@@ -43,13 +43,15 @@ def test_parameters_are_the_issue_targets_and_known_engines():
     assert {"nbbn", "numpy", "torch"} <= set(batchnorm.ENGINES)
     assert (64, 64, 112, 112) in batchnorm.SHAPES and (256, 64) in batchnorm.SHAPES
     assert set(batchnorm.OPERATIONS) == {"forward-train", "forward-eval", "backward"}
-    assert set(batchnorm.DTYPES) == {"float32", "float64"}
+    assert set(batchnorm.DTYPES) == {"float32", "float64", "float16", "bfloat16"}
 
 
 @pytest.mark.parametrize("engine,dtype,operation",
                          list(itertools.product(batchnorm.ENGINES, batchnorm.DTYPES,
                                                 batchnorm.OPERATIONS)))
 def test_batchnorm_bodies(engine, dtype, operation):
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
     for shape in TINY:
         ran = run_once(batchnorm.BatchNorm, engine, shape, dtype, operation)
         if engine.startswith("torch") and not ran:

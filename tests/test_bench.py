@@ -11,7 +11,7 @@ import pytest
 
 import naive
 from nbbn.programs import bench
-from nbbn.programs.bench_engines import ENGINES, TRAFFIC, make_inputs
+from nbbn.programs.bench_engines import ENGINES, TRAFFIC, dtype_named, make_inputs
 
 TINY = "4x3x5x5"
 
@@ -51,6 +51,16 @@ def test_cli_float64_and_one_engine():
     assert "float64" in r.stdout and "| (6, 4) | backward |" in r.stdout
 
 
+def test_cli_half_counts_two_byte_traffic(tmp_path):
+    path = tmp_path / "bench.json"
+    r = run_cli("--shapes", "8x3x6x6", "--ops", "forward-train", "backward", "--dtype", "float16",
+                "--engines", "nbbn", "torch", "--repeat", "1", "--json", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "float16 inputs (float32 parameters)" in r.stdout
+    for case in json.loads(path.read_text())["cases"]:
+        assert case["traffic_bytes"] == TRAFFIC[case["operation"]] * 8 * 3 * 6 * 6 * 2
+
+
 def test_cli_thread_sweep(tmp_path):
     """--threads 1,2: a table for each count (threading layer and CPUs in the
     heading), the JSON's sweep, the scaling chart and each count's bars."""
@@ -82,7 +92,8 @@ def test_plot(tmp_path):
     (["--threads", "0"], "--threads"), (["--threads", "1,x"], "--threads"),
     (["--threads", "1,100000"], "NUMBA_NUM_THREADS"), (["--repeat", "0"], "--repeat"),
     (["--shapes", "4x"], "shape"), (["--shapes", "7"], "shape"),
-    (["--ops", "sideways"], "invalid choice"), (["--dtype", "float16"], "invalid choice")])
+    (["--ops", "sideways"], "invalid choice"), (["--dtype", "int8"], "invalid choice"),
+    (["--device", "cuda", "--dtype", "float16"], "float32 or float64")])
 def test_bad_options_are_refused(args, message):
     r = run_cli(*args)
     assert r.returncode != 0 and message in r.stderr
@@ -122,6 +133,44 @@ def test_engines_compute_batch_norm(engine, shape):
     np.testing.assert_allclose(dx, rdx.ravel(), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dw, rdw, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(db, rdb, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("engine", ["nbbn", "numpy", "torch", "torch-out"])
+def test_engines_compute_half_batch_norm(engine, dtype):
+    """Half inputs with float32 parameters: outputs in the input's dtype, within
+    2 of its ulps (relative) of the float64 result of the same half values."""
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    dt = dtype_named(dtype)
+    shape = (4, 3, 5, 5)
+    x, dy = make_inputs(shape, dt)
+    try:
+        e = ENGINES[engine](x, dy, threads=1)
+    except NotImplementedError:
+        pytest.importorskip("torch")
+        raise
+    assert e.weight.dtype == np.float32 and e.running_var.dtype == np.float32
+    x64, dy64, w, b = x.astype(np.float64), dy.astype(np.float64), e.weight, e.bias
+    ref, rm, rv, mean, invstd = naive.batch_norm(x64, np.zeros(3), np.ones(3), w, b, True)
+    tol = 2 * float(ml_eps(dt))
+    y = e.operation("forward-train")()
+    assert y.dtype == dt
+    np.testing.assert_allclose(y.astype(np.float64), ref, rtol=tol, atol=tol)
+    dx, dw, db = e.operation("backward")()
+    rdx, rdw, rdb = naive.batch_norm_backward(dy64, x64, mean, invstd, w, True)
+    assert dx.dtype == dt
+    np.testing.assert_allclose(dx.astype(np.float64), rdx, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.ravel(dw), rdw, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(np.ravel(db), rdb, rtol=1e-3, atol=1e-3)
+
+
+def ml_eps(dtype):
+    """The machine epsilon of a float dtype, bfloat16 included."""
+    if dtype.name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.finfo(dtype).eps
+    return np.finfo(dtype).eps
 
 
 @pytest.mark.parametrize("engine", ["nbbn", "nbbn+numpy-relu", "torch"])

@@ -31,7 +31,8 @@ import time
 
 import numpy as np
 
-from .bench_engines import DEFAULT_ENGINES, ENGINES, OPERATIONS, TRAFFIC, make_inputs
+from .bench_engines import (DEFAULT_ENGINES, DTYPES, ENGINES, OPERATIONS, TRAFFIC, dtype_named,
+                            make_inputs)
 from .pipeline import BATCHES, STEPS
 
 __all__ = ["DEFAULT_CASES", "BandwidthProbe", "measure_bandwidth", "calibrate", "sample",
@@ -129,7 +130,7 @@ def run(cases=DEFAULT_CASES, dtype=np.float32, engines=DEFAULT_ENGINES, threads=
     if cases:
         say("memory bandwidth probe")
     probe = BandwidthProbe() if cases else None
-    dtype = np.dtype(dtype)
+    dtype = dtype_named(dtype)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": _machine(threads), "dtype": dtype.name, "repeat": repeat,
               "cases": []}
@@ -300,6 +301,8 @@ def format_table(result):
     bw = result["bandwidth_bytes_per_s"]
     m = result["machine"]
     head = f"nbbn bench, {result['date'][:10]}, {m['threads']} threads, {result['dtype']}"
+    if result["dtype"] in ("float16", "bfloat16"):
+        head += " inputs (float32 parameters)"
     if "cpus" in m:
         usable = m.get("usable_cpus")
         head += (f", {m['cpus']} CPUs" + (f" ({usable} usable)" if usable not in (None, m["cpus"])
@@ -496,7 +499,10 @@ def add_arguments(parser):
     parser.add_argument("--ops", nargs="+", choices=OPERATIONS, metavar="OP",
                         help=f"operations, of {', '.join(OPERATIONS)} (default: the first "
                              "three, and relu-step on the largest default shape)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="inputs' dtype; float16 and bfloat16 (extra 'bfloat16') run with "
+                             "float32 parameters, as torch's mixed precision, and the roofline "
+                             "counts their 2-byte traffic")
     parser.add_argument("--engines", nargs="+", choices=tuple(ENGINES), default=DEFAULT_ENGINES,
                         metavar="ENGINE",
                         help=f"of {', '.join(ENGINES)} (default: all but torch-out, torch "
@@ -530,6 +536,9 @@ def main(args):
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
             raise SystemExit("bench: --plot needs matplotlib: pip install 'nbbn[plot]'")
+    if args.device == "cuda" and args.dtype not in ("float32", "float64"):
+        raise SystemExit(f"bench: --device cuda takes float32 or float64, got {args.dtype}")
+    dtype_named(args.dtype)  # bfloat16 without ml_dtypes: say so before anything runs
     if args.device == "cuda":
         from . import cuda_bench
         results = cuda_bench.main(args.shapes, args.dtype, args.repeat)

@@ -12,7 +12,8 @@ the float64 reference of ``tests/naive.py``.
 """
 import numpy as np
 
-__all__ = ["OPERATIONS", "TRAFFIC", "ENGINES", "DEFAULT_ENGINES", "make_inputs", "Engine"]
+__all__ = ["OPERATIONS", "TRAFFIC", "ENGINES", "DEFAULT_ENGINES", "DTYPES", "dtype_named",
+           "make_inputs", "Engine"]
 
 #: forward-train: batch statistics, running statistics, output; forward-eval:
 #: running statistics; backward: training backward (dx, dweight, dbias);
@@ -28,6 +29,28 @@ MOMENTUM, EPS = 0.1, 1e-5
 #: OpenMP threads keep spinning for several milliseconds after each call (about
 #: 7 ms measured here, slowing the next calls on the same cores by 40%).
 TORCH_SETTLE_S = 0.02
+
+
+#: The input dtypes the engines take. Half inputs (float16, bfloat16) run in
+#: the mixed-precision layout: float32 parameters and running statistics.
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def dtype_named(name):
+    """The NumPy dtype called ``name`` (of :data:`DTYPES`); bfloat16 is
+    ml_dtypes' (the extra ``bfloat16``)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise SystemExit("bfloat16 needs ml_dtypes: pip install 'nbbn[bfloat16]'") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _param_dtype(dtype):
+    """Parameters' and running statistics' dtype for inputs of ``dtype``."""
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
 
 
 def make_inputs(shape, dtype=np.float32, seed=0):
@@ -55,9 +78,10 @@ class Engine:
     def __init__(self, x, dy, threads=None):
         self.x, self.dy = x, dy
         self.channels = x.shape[1]
-        self.weight, self.bias = _params(self.channels, x.dtype)
-        self.running_mean = np.zeros(self.channels, x.dtype)
-        self.running_var = np.ones(self.channels, x.dtype)
+        dtype = _param_dtype(x.dtype)
+        self.weight, self.bias = _params(self.channels, dtype)
+        self.running_mean = np.zeros(self.channels, dtype)
+        self.running_var = np.ones(self.channels, dtype)
 
     def operation(self, op):
         if op not in self.operations:
@@ -121,44 +145,71 @@ class NbbnNumpyReluEngine(NbbnEngine):
 
 
 class NumpyEngine(Engine):
-    """Plain vectorized NumPy in the input's dtype: ``x.mean``/``x.var`` over
-    the non-channel axes, broadcasting for the rest."""
+    """Plain vectorized NumPy: ``x.mean``/``x.var`` over the non-channel axes,
+    broadcasting for the rest; in the input's dtype, or for half inputs in
+    float32 with the results rounded back to the half type."""
 
     name = "numpy"
     operations = ("forward-train", "forward-eval", "backward")
 
     def __init__(self, x, dy, threads=None):
         super().__init__(x, dy)
+        self.acc = _param_dtype(x.dtype)
         self.axes = (0,) + tuple(range(2, x.ndim))
         self.bshape = (1, -1) + (1,) * (x.ndim - 2)
         self.count = x.size // self.channels
         self.weight = self.weight.reshape(self.bshape)
         self.bias = self.bias.reshape(self.bshape)
-        self.mean = x.mean(axis=self.axes, keepdims=True)
-        self.invstd = 1 / np.sqrt(x.var(axis=self.axes, keepdims=True) + EPS)
+        self.mean = self._mean(x)
+        self.invstd = 1 / np.sqrt(self._var(x) + EPS)
+
+    def _mean(self, a):
+        return a.mean(axis=self.axes, dtype=self.acc, keepdims=True)
+
+    def _var(self, a):
+        return a.var(axis=self.axes, dtype=self.acc, keepdims=True)
+
+    def _narrow(self, a):
+        return a.astype(self.x.dtype, copy=False)
 
     def forward_train(self):
         x, n = self.x, self.count
-        mean = x.mean(axis=self.axes, keepdims=True)
-        var = x.var(axis=self.axes, keepdims=True)
+        mean, var = self._mean(x), self._var(x)
         scale = self.weight / np.sqrt(var + EPS)
         y = x * scale + (self.bias - mean * scale)
         self.running_mean = (1 - MOMENTUM) * self.running_mean + MOMENTUM * mean.ravel()
         self.running_var = ((1 - MOMENTUM) * self.running_var
                             + MOMENTUM * var.ravel() * (n / (n - 1)))
-        return y
+        return self._narrow(y)
 
     def forward_eval(self):
         scale = self.weight / np.sqrt(self.running_var.reshape(self.bshape) + EPS)
-        return self.x * scale + (self.bias - self.running_mean.reshape(self.bshape) * scale)
+        return self._narrow(
+            self.x * scale + (self.bias - self.running_mean.reshape(self.bshape) * scale))
 
     def backward(self):
         x_hat = (self.x - self.mean) * self.invstd
-        dbias = self.dy.sum(axis=self.axes, keepdims=True)
-        dweight = (self.dy * x_hat).sum(axis=self.axes, keepdims=True)
+        dbias = self.dy.sum(axis=self.axes, dtype=self.acc, keepdims=True)
+        dweight = (self.dy * x_hat).sum(axis=self.axes, dtype=self.acc, keepdims=True)
         n = self.count
         dx = (self.weight * self.invstd / n) * (n * self.dy - dbias - x_hat * dweight)
-        return dx, dweight.ravel(), dbias.ravel()
+        return self._narrow(dx), dweight.ravel(), dbias.ravel()
+
+
+def _tensor(a):
+    """``a`` as a torch tensor sharing its memory (bfloat16 through its bits)."""
+    import torch
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _array(t):
+    """Tensor ``t`` as a NumPy array sharing its memory (bfloat16: ml_dtypes')."""
+    import torch
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(dtype_named("bfloat16"))
+    return t.numpy()
 
 
 class TorchEngine(Engine):
@@ -181,26 +232,28 @@ class TorchEngine(Engine):
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        t = torch.from_numpy
+        t = _tensor
         self.tx, self.tdy = t(x), t(dy)
         self.tw, self.tb = t(self.weight), t(self.bias)
         self.trm, self.trv = t(self.running_mean), t(self.running_var)
         _, self.save_mean, self.save_invstd = torch.native_batch_norm(
             self.tx, self.tw, self.tb, None, None, True, MOMENTUM, EPS)
 
+    def _forward(self, training):
+        return _array(self.torch.nn.functional.batch_norm(
+            self.tx, self.trm, self.trv, self.tw, self.tb, training, MOMENTUM, EPS))
+
     def forward_train(self):
-        return self.torch.nn.functional.batch_norm(self.tx, self.trm, self.trv, self.tw, self.tb,
-                                                   True, MOMENTUM, EPS).numpy()
+        return self._forward(True)
 
     def forward_eval(self):
-        return self.torch.nn.functional.batch_norm(self.tx, self.trm, self.trv, self.tw, self.tb,
-                                                   False, MOMENTUM, EPS).numpy()
+        return self._forward(False)
 
     def backward(self):
         out = self.torch.ops.aten.native_batch_norm_backward(
             self.tdy, self.tx, self.tw, self.trm, self.trv, self.save_mean, self.save_invstd,
             True, EPS, [True, True, True])
-        return tuple(v.numpy() for v in out)
+        return tuple(_array(v) for v in out)
 
     def relu_step(self):
         torch = self.torch
@@ -210,7 +263,7 @@ class TorchEngine(Engine):
         y = torch.relu(torch.nn.functional.batch_norm(x, self.trm, self.trv, w, b, True,
                                                       MOMENTUM, EPS))
         y.backward(self.tdy)
-        return x.grad.numpy(), w.grad.numpy(), b.grad.numpy()
+        return _array(x.grad), _array(w.grad), _array(b.grad)
 
 
 class TorchOutEngine(TorchEngine):
@@ -229,20 +282,20 @@ class TorchOutEngine(TorchEngine):
         self.unused = (torch.empty_like(self.tw), torch.empty_like(self.tw))
 
     def forward_train(self):
-        return self.torch.ops.aten.native_batch_norm.out(
+        return _array(self.torch.ops.aten.native_batch_norm.out(
             self.tx, self.tw, self.tb, self.trm, self.trv, True, MOMENTUM, EPS, out=self.y,
-            save_mean=self.unused[0], save_invstd=self.unused[1])[0].numpy()
+            save_mean=self.unused[0], save_invstd=self.unused[1])[0])
 
     def forward_eval(self):
-        return self.torch.ops.aten.native_batch_norm.out(
+        return _array(self.torch.ops.aten.native_batch_norm.out(
             self.tx, self.tw, self.tb, self.trm, self.trv, False, MOMENTUM, EPS, out=self.y,
-            save_mean=self.unused[0], save_invstd=self.unused[1])[0].numpy()
+            save_mean=self.unused[0], save_invstd=self.unused[1])[0])
 
     def backward(self):
         out = self.torch.ops.aten.native_batch_norm_backward.out(
             self.tdy, self.tx, self.tw, self.trm, self.trv, self.save_mean, self.save_invstd,
             True, EPS, [True, True, True], out0=self.dx, out1=self.dw, out2=self.db)
-        return tuple(v.numpy() for v in out)
+        return tuple(_array(v) for v in out)
 
 
 #: name -> engine class, in the order tables show them.
