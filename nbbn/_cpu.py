@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _engine as engine
 from . import _validation as check
-from ._half import kernel_view
+from ._validation import kernel_view
 
 
 def _wide(v):

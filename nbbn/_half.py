@@ -3,7 +3,8 @@ neither float16 nor bfloat16, so the kernels see such arrays as 16-bit integer
 views and convert in registers:
 
 * ``uint16`` stands for float16 (IEEE binary16), ``int16`` for bfloat16 (the
-  top half of a float32); :func:`kernel_view` makes the views;
+  top half of a float32); :func:`nbbn._validation.kernel_view` makes the
+  views (outside this module, so that ``import nbbn`` does not import numba);
 * :func:`load` widens an element to float32 exactly (float arrays: the element
   as it is);
 * :func:`store` rounds a float32 value to the array's type once, to nearest
@@ -25,17 +26,6 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
-
-#: NumPy dtype names of the half types, and the integer views standing for them.
-HALF_VIEWS = {"float16": np.uint16, "bfloat16": np.int16}
-
-
-def kernel_view(a):
-    """``a`` as the kernels take it: a float16 or bfloat16 array as its 16-bit
-    integer view (uint16, int16), any other array as it is."""
-    view = HALF_VIEWS.get(a.dtype.name)
-    return a if view is None else a.view(view)
-
 
 # --- bit casts -------------------------------------------------------------------
 

@@ -21,6 +21,20 @@ def is_half(dtype):
     return dtype.itemsize == 2 and dtype.name in ("float16", "bfloat16")
 
 
+#: NumPy dtype names of the half types, and the integer views standing for them
+#: in the kernels (nbbn/_half.py).
+HALF_VIEWS = {"float16": np.uint16, "bfloat16": np.int16}
+
+
+def kernel_view(a):
+    """``a`` as the kernels take it: a float16 or bfloat16 array as its 16-bit
+    integer view (uint16, int16), any other array as it is."""
+    if a.dtype.itemsize != 2:  # (dtype.name costs microseconds a call)
+        return a
+    view = HALF_VIEWS.get(a.dtype.name)
+    return a if view is None else a.view(view)
+
+
 def is_float(dtype):
     """Whether the kernels take arrays of ``dtype``: float16, bfloat16, float32, float64."""
     return dtype in FLOAT_DTYPES or is_half(dtype)

@@ -8,7 +8,8 @@ import pytest
 from numba import njit
 
 from nbbn import _half as half
-from nbbn._half import f16_to_f32, f32_to_f16, kernel_view, load, store
+from nbbn._half import f16_to_f32, f32_to_f16, load, store
+from nbbn._validation import kernel_view
 
 try:
     import ml_dtypes
