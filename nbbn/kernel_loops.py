@@ -272,21 +272,32 @@ def _add_grad_columns(s_dy, s_dyx, x, dy, mask, r0, r1, lo, mean):
 
 
 @njit(cache=True)
+def _fold_tiles(col, channels, center, out):
+    """``out[c]``: the sum over tiles of ``col[t * channels + c]`` (one column
+    per channel and tile), or of its squared deviation from ``center[c]``
+    unless ``center`` is None; tiles in order, from 0. In place: no
+    temporaries (a rows task's bookkeeping was most of a short task's time)."""
+    for c in range(channels):
+        out[c] = 0.0
+    for t in range(col.shape[0] // channels):
+        tile = col[t * channels:(t + 1) * channels]
+        if center is None:
+            for c in range(channels):
+                out[c] += tile[c]
+        else:
+            for c in range(channels):
+                out[c] += (tile[c] - center[c]) * (tile[c] - center[c])
+
+
+@njit(cache=True)
 def _fold_columns(col, channels, inner, center):
     """Per channel, the sum over its ``tiles * inner`` columns of ``col``, or
     of ``(col - center[c])**2`` unless ``center`` is None; tiles in order."""
     out = np.zeros(channels)
-    tiles = col.shape[0] // (channels * inner)
     if inner == 1:  # one column per channel and tile: what the span loops give
-        for t in range(tiles):
-            tile = col[t * channels:(t + 1) * channels]
-            if center is None:
-                for c in range(channels):
-                    out[c] += tile[c]
-            else:
-                for c in range(channels):
-                    out[c] += (tile[c] - center[c]) * (tile[c] - center[c])
+        _fold_tiles(col, channels, center, out)
         return out
+    tiles = col.shape[0] // (channels * inner)
     j = 0
     for _ in range(tiles):
         for c in range(channels):

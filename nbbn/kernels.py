@@ -32,8 +32,8 @@ from numba import njit, prange
 from ._half import float_empty
 from ._jit import row, serial_twin, span
 from .kernel_loops import (_add_columns, _add_grad_columns, _add_squared_deviations,
-                           _affine_plain, _affine_span, _expand, _fold_columns, _grad_dot,
-                           _grad_input_plain, _grad_input_span, _span_moments)
+                           _affine_plain, _affine_span, _expand, _fold_columns, _fold_tiles,
+                           _grad_dot, _grad_input_plain, _grad_input_span, _span_moments)
 
 
 # --- per channel -------------------------------------------------------------
@@ -187,25 +187,6 @@ def _row_block(t, x, parts, channels, inner, blocks):
     if blocks == 1:
         return p, r0, r1, 0, channels, 1, x.shape[1]
     return p, r0, r1, c0, c1, x.shape[1] // (channels * inner), (c1 - c0) * inner
-
-
-@njit(cache=True)
-def _fold_tiles(col, channels, center, out):
-    """``out[c]``: the sum over tiles of ``col[t * channels + c]`` (one column
-    per channel and tile), or of its squared deviation from ``center[c]``
-    unless ``center`` is None; tiles in order, from 0. What
-    :func:`nbbn.kernel_loops._fold_columns` gives for ``inner == 1``, in place:
-    no temporaries (a task's bookkeeping was most of a short task's time)."""
-    for c in range(channels):
-        out[c] = 0.0
-    for t in range(col.shape[0] // channels):
-        tile = col[t * channels:(t + 1) * channels]
-        if center is None:
-            for c in range(channels):
-                out[c] += tile[c]
-        else:
-            for c in range(channels):
-                out[c] += (tile[c] - center[c]) * (tile[c] - center[c])
 
 
 @njit(cache=True)
