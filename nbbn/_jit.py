@@ -1,5 +1,8 @@
 """Numba machinery the kernels share: the serial twin of a parallel kernel,
-vector intrinsics with non-temporal stores, and a fallback for the disk cache."""
+vector intrinsics with non-temporal stores, and the disk cache (keyed on
+every kernel source, with a fallback folder)."""
+import functools
+import hashlib
 import os
 import tempfile
 import types as pytypes
@@ -23,6 +26,69 @@ def use_temporary_cache_dir():
         raise RuntimeError(f"no writable folder for numba's cache (tried {path}: {e}); "
                            "set NUMBA_CACHE_DIR to one") from None
     numba.config.CACHE_DIR = path
+
+
+# --- the disk cache ------------------------------------------------------------
+#: The modules whose code a kernel's machine code holds: numba stamps a cached
+#: function with its own file only, so an edit to a loop it calls from
+#: another of these would load stale code (as happened to this project's
+#: tests after edits to kernel_loops.py). Their hash is added to the stamp.
+KERNEL_SOURCES = ("kernels.py", "kernel_loops.py", "_half.py", "_jit.py")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_sources_hash():
+    """SHA-256 of :data:`KERNEL_SOURCES`, read once a process."""
+    digest = hashlib.sha256()
+    for name in KERNEL_SOURCES:
+        with open(os.path.join(_HERE, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _stamp_cache_with_kernel_sources():
+    """Put first in numba's list of cache locators one for the functions of
+    nbbn's own folder: the folder numba would choose for them, and the
+    stamp numba would give them plus :func:`kernel_sources_hash`."""
+    from numba.core import caching
+
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    if impl is None or not hasattr(caching, "_CacheLocator"):
+        return  # another numba: its own stamps only
+
+    class KernelSourcesLocator(caching._CacheLocator):
+        def __init__(self, inner):
+            self._inner = inner
+
+        def ensure_cache_path(self):
+            self._inner.ensure_cache_path()
+
+        def get_cache_path(self):
+            return self._inner.get_cache_path()
+
+        def get_disambiguator(self):
+            return self._inner.get_disambiguator()
+
+        def get_source_stamp(self):
+            return self._inner.get_source_stamp(), kernel_sources_hash()
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.dirname(os.path.abspath(py_file)) != _HERE:
+                return None
+            for other in impl._locator_classes:
+                inner = None if other is cls else other.from_function(py_func, py_file)
+                if inner is not None:
+                    return cls(inner)
+            return None
+
+    classes = impl._locator_classes
+    if not any(c.__name__ == KernelSourcesLocator.__name__ for c in classes):
+        classes.insert(0, KernelSourcesLocator)
+
+
+_stamp_cache_with_kernel_sources()
 
 
 def serial_twin(kernel):

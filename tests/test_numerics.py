@@ -1,5 +1,6 @@
 """Numerical traps, determinism across thread counts, threads, and the cache."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -114,6 +115,32 @@ def test_kernels_cached_by_one_process_run_in_a_fresh_one(tmp_path):
     first, second = (r.stdout.split() for r in runs)
     assert first[0] == "0" and second[0] == "2"
     assert first[1] == second[1]
+
+
+def test_an_edit_to_a_loop_module_recompiles_the_kernels_that_call_it(tmp_path):
+    """numba stamps a cached function with its own file only: a kernel of
+    kernels.py calling an edited loop of kernel_loops.py would load stale code."""
+    package = tmp_path / "nbbn"
+    shutil.copytree(Path(nbbn.__file__).parent, package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with open(package / "kernel_loops.py", "a") as f:
+        f.write("\n\n@njit\ndef _probe():\n    return 1\n")
+    with open(package / "kernels.py", "a") as f:
+        f.write("\n\nfrom .kernel_loops import _probe\n\n\n"
+                "@njit(cache=True)\ndef probe():\n    return _probe()\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    code = "from nbbn import kernels; print(kernels.probe(), sum(kernels.probe.stats.cache_hits.values()))"
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    assert run() == ["1", "0"] and run() == ["1", "1"]  # compiled, then loaded
+    loops = package / "kernel_loops.py"
+    loops.write_text(loops.read_text().replace("return 1\n", "return 2\n"))
+    assert run() == ["2", "0"] and run() == ["2", "1"]
 
 
 NO_CACHE_FOLDER = textwrap.dedent("""
