@@ -39,11 +39,15 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 @functools.lru_cache(maxsize=1)
 def kernel_sources_hash():
-    """SHA-256 of :data:`KERNEL_SOURCES`, read once a process."""
+    """SHA-256 of :data:`KERNEL_SOURCES`, read once a process; None where
+    they are not plain files (a zip import: numba's stamp is the zip's)."""
     digest = hashlib.sha256()
-    for name in KERNEL_SOURCES:
-        with open(os.path.join(_HERE, name), "rb") as f:
-            digest.update(f.read())
+    try:
+        for name in KERNEL_SOURCES:
+            with open(os.path.join(_HERE, name), "rb") as f:
+                digest.update(f.read())
+    except OSError:
+        return None
     return digest.hexdigest()
 
 
