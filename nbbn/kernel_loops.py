@@ -313,13 +313,7 @@ def _fold_columns(col, channels, inner, center):
 def _expand(values, channels, inner, width):
     """Per-channel ``values`` repeated for each of the ``width`` columns of a rows view."""
     out = np.empty(width)
-    if inner == 1:  # (N, C) and channels-last: the channels, tile after tile
-        for j in range(0, width, channels):
-            out[j:j + channels] = values
-        return out
-    j = 0
-    for _ in range(width // (channels * inner)):
-        for c in range(channels):
-            out[j:j + inner] = values[c]
-            j += inner
+    tile = np.repeat(values, inner)  # one tile: each channel's value over its columns
+    for j in range(0, width, tile.shape[0]):
+        out[j:j + tile.shape[0]] = tile
     return out
