@@ -178,6 +178,23 @@ def _narrow(typingctx, v, a):
     return a.dtype(v, a), codegen
 
 
+# --- float32 arithmetic for half outputs --------------------------------------------------
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once, in float32 (LLVM's ``fma``: vectorizes, and
+    is the hardware instruction where the target has one)."""
+    if not all(t == types.float32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32],
+                                              ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+    return types.float32(a, b, c), codegen
+
+
 # --- the kernels' element access ---------------------------------------------------------
 
 def float_empty(n, a):

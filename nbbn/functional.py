@@ -34,8 +34,9 @@ def batch_norm(x: ArrayIn, running_mean: ArrayOut | None = None,
     x : ndarray
         float16, bfloat16 (``ml_dtypes.bfloat16``), float32 or float64
         input, (N, C, ...) with ``axis=1`` or (..., C) with ``axis=-1``;
-        half inputs are computed in float64 and each output rounded
-        (docs/mixed-precision.md). Never modified. A device array (anything with
+        half inputs have float64 statistics, each output within 1 ulp
+        of the float64 result rounded once (docs/mixed-precision.md).
+        Never modified. A device array (anything with
         ``__cuda_array_interface__``) runs on the GPU: the output is then a
         Numba device array (see docs/gpu.md).
     running_mean, running_var : ndarray of shape (C,), optional

@@ -20,11 +20,13 @@ Elements are read through ``load`` and written through ``store``
 (:mod:`nbbn._half`): the same loops take float32 and float64 arrays, and the
 16-bit integer views standing for float16 and bfloat16 ones, whose elements
 are widened exactly and whose float64 results are rounded through float32.
+The forward's output of a half array has a float32 loop of its own
+(:func:`_normalize_half`).
 """
 import numpy as np
 from numba import njit
 
-from ._half import load, store
+from ._half import fma, load, store
 from ._jit import (STREAM_BYTES, at, by_element, head, row, store_fence, stream_axpb,
                    stream_grad_input, tail)
 
@@ -160,6 +162,67 @@ def _affine_span(x, a, b, relu, mask, stream, out):
         _affine_plain(x, a, b, relu, mask, out)
     else:
         _axpb_stream(x, a, b, relu, out)
+
+
+# Half outputs of the forward: float32 arithmetic, exact enough (see
+# ``nbbn.kernels.half_coefficients``). Four float32 operations on eight lanes
+# cost less than the float64 round trip (two widenings, two narrowings per
+# four values) that bounds the loops above for half arrays.
+
+@njit(cache=True)
+def _normalize_half(x, k, a_hi, a_lo, b_hi, b_lo, relu, out):
+    """``out = (x * a_hi + b_hi) + ((x - k) * a_lo + b_lo)`` in float32, each
+    product and sum rounded once (fused), ReLU'd if ``relu``; coefficients
+    float32 scalars or arrays indexed like the span."""
+    if relu:
+        for i in range(x.shape[0]):
+            v = load(x, i)
+            y = fma(v, at(a_hi, i), at(b_hi, i)) + fma(v - at(k, i), at(a_lo, i), at(b_lo, i))
+            y = np.float32(0.0) if y < 0.0 else y
+            store(out, i, y)
+    else:
+        for i in range(x.shape[0]):
+            v = load(x, i)
+            store(out, i, fma(v, at(a_hi, i), at(b_hi, i))
+                  + fma(v - at(k, i), at(a_lo, i), at(b_lo, i)))
+
+
+@njit(inline="always")
+def _normalize_span_floats(x, a, b, coef, c, ok, relu, stream, out):
+    _affine_span(x, a, b, relu, None, stream, out)
+
+
+@njit(cache=True)
+def _normalize_span_half(x, a, b, coef, c, ok, relu, stream, out):
+    if ok:
+        _normalize_half(x, coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c], relu,
+                        out)
+    else:
+        _affine_plain(x, a, b, relu, None, out)
+
+
+#: The forward's output of a span: ``x * a + b`` (scalars, float64), or for a
+#: half output where ``ok``, :func:`_normalize_half` with column ``c`` of
+#: ``coef``, the five float32 coefficients of each channel.
+_normalize_span = by_element(_normalize_span_floats, _normalize_span_half)
+
+
+@njit(inline="always")
+def _normalize_row_floats(x, a, b, coef, ok, relu, out):
+    _affine_plain(x, a, b, relu, None, out)
+
+
+@njit(cache=True)
+def _normalize_row_half(x, a, b, coef, ok, relu, out):
+    if ok:
+        _normalize_half(x, coef[0], coef[1], coef[2], coef[3], coef[4], relu, out)
+    else:
+        _affine_plain(x, a, b, relu, None, out)
+
+
+#: :func:`_normalize_span` for a row: per-column arrays ``a``, ``b`` (float64),
+#: or the tuple ``coef`` of five float32 ones.
+_normalize_row = by_element(_normalize_row_floats, _normalize_row_half)
 
 
 @njit(cache=True)
@@ -312,8 +375,18 @@ def _fold_columns(col, channels, inner, center):
 @njit(cache=True)
 def _expand(values, channels, inner, width):
     """Per-channel ``values`` repeated for each of the ``width`` columns of a rows view."""
-    out = np.empty(width)
-    tile = np.repeat(values, inner)  # one tile: each channel's value over its columns
-    for j in range(0, width, tile.shape[0]):
-        out[j:j + tile.shape[0]] = tile
+    return _expand_rows(values.reshape((1, values.shape[0])), channels, inner, width)[0]
+
+
+@njit(cache=True)
+def _expand_rows(values, channels, inner, width):
+    """:func:`_expand` of each row of ``values`` (K, C): (K, ``width``)."""
+    t = channels * inner
+    out = np.empty((values.shape[0], width), values.dtype)
+    for q in range(values.shape[0]):  # one tile: each channel's value over its columns
+        for c in range(channels):
+            for i in range(c * inner, c * inner + inner):
+                out[q, i] = values[q, c]
+    for j in range(t, width, t):
+        out[:, j:j + t] = out[:, :t]
     return out

@@ -2,14 +2,20 @@
 and ml_dtypes' bfloat16 casts: widening over every 16-bit pattern; narrowing over every
 float32 within two ulps of each rounding boundary (the midpoints between neighbouring half
 values), a dense sweep of all float32 bit patterns, and float64 values near the boundaries,
-where a double rounding through float32 would go wrong."""
+where a double rounding through float32 would go wrong. Then the forward's float32
+normalization of half inputs, over every 16-bit pattern, against float64 rounded once."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numba import njit
 
 from nbbn import _half as half
 from nbbn._half import f16_to_f32, f32_to_f16, load, store
 from nbbn._validation import kernel_view
+from nbbn.kernel_loops import _normalize_half
+from nbbn.kernels import HALF_LIMIT, _half_coefficient
+from test_half_layers import LARGEST, ordered
 
 try:
     import ml_dtypes
@@ -194,3 +200,82 @@ def test_float_arrays_pass_through():
     _narrow(x, out)
     np.testing.assert_array_equal(out, x.astype(np.float32))
     assert kernel_view(out) is out
+
+
+# --- the forward's float32 normalization (kernels.half_coefficients) ------------------
+
+def normalize32(x, m, a, beta, relu=False):
+    """``(x - m) * a + beta`` of half ``x`` by the forward's float32 loop; None
+    where its coefficients say that the float64 loop must run instead."""
+    *coefficients, ok = _half_coefficient(m, a, beta)
+    if not ok:
+        return None
+    out = np.empty_like(x)
+    _normalize_half(kernel_view(x), *np.float32(coefficients), relu, kernel_view(out))
+    return out
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@settings(deadline=None, max_examples=60)
+@given(data=st.data())
+def test_float32_normalization_over_every_half_value(dtype, data):
+    """Every 16-bit pattern, mean and scale with ``|mean * scale|`` up to a
+    quarter of HALF_LIMIT, any sign: within 1 ulp of the float64 result
+    rounded once (bfloat16: where that result is at least 2**-18, and within
+    2**-26 below), the infinities and NaNs of the float64 result, and exact
+    zeros where ``x == mean`` and the bias is 0."""
+    top = min(LARGEST[dtype.name], 9e35)  # 1e36 at most once rounded to the type
+    m = data.draw(st.floats(-top, top), label="mean")
+    a = data.draw(st.floats(-HALF_LIMIT, HALF_LIMIT), label="scale") / max(1.0, abs(m)) / 4
+    zero_bias = data.draw(st.booleans(), label="bias 0")
+    beta = 0.0 if zero_bias else data.draw(st.floats(-HALF_LIMIT / 8, HALF_LIMIT / 8))
+    if data.draw(st.booleans(), label="mean is a value of the type"):
+        m = float(np.array(m).astype(dtype))
+    x = ALL16.view(dtype)
+    with np.errstate(invalid="ignore"):
+        x64 = x.astype(np.float64)
+    if 0 < abs(a) < 2.0 ** -100:
+        assert not _half_coefficient(m, a, beta)[-1]  # float32 parts would be subnormal
+        a = 0.0
+    y = normalize32(x, m, a, beta)
+    assert y is not None
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = (x64 - m) * a + beta
+        expected = ref.astype(dtype)
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(np.isnan(y.astype(np.float32)), nan)
+    off = np.abs(ordered(y) - ordered(expected))
+    if dtype == F16:
+        assert off[~nan].max() <= 1
+    else:
+        tiny = np.abs(ref) < 2.0 ** -18
+        assert off[~nan & ~tiny].max(initial=0) <= 1
+        assert np.all(np.abs(y[tiny].astype(np.float64) - ref[tiny]) <= 2.0 ** -26)
+    if zero_bias:
+        assert not y[x64 == m].astype(np.float32).any()  # exactly 0
+
+
+def test_float32_normalization_refuses_what_it_cannot_bound():
+    """Past HALF_LIMIT, a non-finite coefficient, or a mean where ``x - mean``
+    could overflow float32: the float64 loop runs instead (ok is False)."""
+    assert _half_coefficient(3.0, 0.5, 0.25)[-1]
+    assert not _half_coefficient(2000.0, 316.0, 0.0)[-1]  # a constant channel far from 0
+    assert not _half_coefficient(3.0, 0.5, HALF_LIMIT)[-1]
+    assert not _half_coefficient(3.0, np.inf, 0.0)[-1]
+    assert not _half_coefficient(np.nan, 0.5, 0.0)[-1]
+    assert not _half_coefficient(1e37, 1e-40, 0.0)[-1]
+
+
+def test_float32_normalization_relu_and_the_sign_of_the_low_scale():
+    """The ReLU clamps in float32; the low part of the scale has the sign of
+    the high one (or the infinities of ``x`` would meet with opposite signs)."""
+    x = ALL16.view(F16)
+    for a in (1.0 / 3.0, -1.0 / 3.0, 0.5, -2.0):
+        k, a_hi, a_lo, b_hi, b_lo, ok = _half_coefficient(0.25, a, -0.125)
+        assert ok and a_lo != 0 and np.sign(a_lo) == np.sign(a_hi) == np.sign(a)
+        y = normalize32(x, 0.25, a, -0.125, relu=True)
+        with np.errstate(invalid="ignore", over="ignore"):
+            ref = np.maximum((x.astype(np.float64) - 0.25) * a - 0.125, 0)
+            expected = ref.astype(F16)
+        nan = np.isnan(ref)
+        assert np.abs(ordered(y) - ordered(expected))[~nan].max() <= 1
