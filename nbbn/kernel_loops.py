@@ -200,7 +200,7 @@ def _normalize_span_half(x, a, b, coef, c, ok, relu, stream, out):
         _normalize_half(x, coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c], relu,
                         out)
     else:
-        _affine_plain(x, a, b, relu, None, out)
+        _axpb(x, a, b, relu, out)
 
 
 #: The forward's output of a span: ``x * a + b`` (scalars, float64), or for a
@@ -219,7 +219,7 @@ def _normalize_row_half(x, a, b, coef, ok, relu, out):
     if ok:
         _normalize_half(x, coef[0], coef[1], coef[2], coef[3], coef[4], relu, out)
     else:
-        _affine_plain(x, a, b, relu, None, out)
+        _axpb(x, a, b, relu, out)
 
 
 #: :func:`_normalize_span` for a row: per-column arrays ``a``, ``b`` (float64),

@@ -33,9 +33,8 @@ from ._half import float_empty
 from ._jit import at, by_element, row, serial_twin, span, tail
 from .kernel_loops import (_add_columns, _add_grad_columns, _add_squared_deviations,
                            _affine_plain, _affine_span, _expand, _expand_rows, _fold_columns,
-                           _fold_tiles,
-                           _grad_dot, _grad_input_plain, _grad_input_span, _normalize_row,
-                           _normalize_span, _span_moments)
+                           _fold_tiles, _grad_dot, _grad_input_plain, _grad_input_span,
+                           _normalize_row, _normalize_span, _span_moments)
 
 
 # --- per channel -------------------------------------------------------------
@@ -364,9 +363,9 @@ def _row_coefficients_floats(mean, scale, shift, bias, channels, inner, w, out):
 def _row_coefficients_half(mean, scale, shift, bias, channels, inner, w, out):
     coef, ok = half_coefficients(mean, scale, bias, out)
     if not ok:
+        a, b, _, _ = _row_coefficients_floats(mean, scale, shift, bias, channels, inner, w, out)
         none = np.empty(0, np.float32)
-        return (_expand(scale, channels, inner, w), _expand(shift, channels, inner, w),
-                (none, none, none, none, none), False)
+        return a, b, (none, none, none, none, none), False
     wide = _expand_rows(coef, channels, inner, w)
     return np.empty(0), np.empty(0), (wide[0], wide[1], wide[2], wide[3], wide[4]), True
 
