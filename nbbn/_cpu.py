@@ -17,7 +17,7 @@ from ._validation import kernel_view
 def _wide(v):
     """Per-channel ``v`` (None, or a float array) as the kernels take it: a
     half one as a float32 copy (exact; the kernels compile no other type for it)."""
-    if v is None or v.dtype.itemsize != 2:  # (a call to is_half costs more than this)
+    if v is None or v.dtype.itemsize != 2:
         return v
     return v.astype(np.float32) if check.is_half(v.dtype) else v
 

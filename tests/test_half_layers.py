@@ -180,6 +180,22 @@ def test_dtype_validation():
         assert repr(bn).endswith("dtype=bfloat16, param_dtype=bfloat16)")
 
 
+def test_byteswapped_and_readonly_half_inputs():
+    """A big-endian float16 input, and a read-only one, give the native one's bits and are
+    not written to (the kernels read a native copy)."""
+    rng = np.random.default_rng(5)
+    x = half_input(rng, (6, 4, 3), F16)
+    w, b = params(rng, 4)
+    expected = F.batch_norm(x, None, None, w, b, training=True)
+    swapped, frozen = x.astype(">f2"), x.copy()
+    frozen.flags.writeable = False
+    for arg in (swapped, frozen):
+        keep = arg.copy()
+        np.testing.assert_array_equal(F.batch_norm(arg, None, None, w, b, training=True),
+                                      expected)
+        np.testing.assert_array_equal(arg, keep)
+
+
 def test_bfloat16_without_ml_dtypes(monkeypatch):
     """Without ml_dtypes bfloat16 is absent, and asking for it by name says what to install."""
     monkeypatch.setitem(__import__("sys").modules, "ml_dtypes", None)  # import fails
