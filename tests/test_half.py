@@ -14,7 +14,7 @@ from nbbn import _half as half
 from nbbn._half import f16_to_f32, f32_to_f16, load, store
 from nbbn._validation import kernel_view
 from nbbn.kernel_loops import _normalize_half
-from nbbn.kernels import HALF_LIMIT, _half_coefficient
+from nbbn.kernels import HALF_LIMIT, _half_coefficients_half
 from test_half_layers import LARGEST, ordered
 
 try:
@@ -203,6 +203,13 @@ def test_float_arrays_pass_through():
 
 
 # --- the forward's float32 normalization (kernels.half_coefficients) ------------------
+
+def _half_coefficient(m, a, beta):
+    """``(k, a_hi, a_lo, b_hi, b_lo, ok)`` of one channel: mean ``m``, scale ``a``, bias ``beta``."""
+    coef, ok = _half_coefficients_half(np.array([m], np.float64), float(a),
+                                       np.array([beta], np.float64), None)
+    return (*coef[:, 0], ok)
+
 
 def normalize32(x, m, a, beta, relu=False):
     """``(x - m) * a + beta`` of half ``x`` by the forward's float32 loop; None
