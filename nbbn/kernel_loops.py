@@ -7,7 +7,8 @@ must handle negative (wrap-around) indices and LLVM no longer vectorizes.
 Statistics take one pass over memory: each block of ``BLOCK`` elements is
 summed, then its squared deviations are summed while it is still in L1, and
 block states (count, mean, M2) are merged with Chan's formula; all
-accumulation is in float64. ``relu`` variants compute ``max(v, 0)`` in the
+accumulation is in float64 (but for half elements' squared deviations, see
+``HALF_RUN``). ``relu`` variants compute ``max(v, 0)`` in the
 same pass (NaN propagates); ``mask`` variants read a saved ReLU output and
 treat the gradient as 0 where ``mask > 0`` is false, as the ReLU backward does
 (every element is read and then selected: a conditional read of 16-bit
@@ -26,7 +27,7 @@ The forward's output of a half array has a float32 loop of its own
 import numpy as np
 from numba import njit
 
-from ._half import fma, load, store
+from ._half import fma, load, squares_in_range, store
 from ._jit import (STREAM_BYTES, at, by_element, head, row, store_fence, stream_axpb,
                    stream_grad_input, tail)
 
@@ -56,6 +57,60 @@ def _sum_squared_deviations(x, mean):
     return acc
 
 
+# Half elements: float32 squared deviations. The mean stays a float64 sum (exact
+# for float16: the values are multiples of 2**-24 below 2**16), since the outputs
+# near 0 need it to their last bit; the second moment needs only a small relative
+# error (the outputs' is half of it), so it is summed in float32, in runs of
+# ``HALF_RUN`` (a pass of 8 float32 lanes, where float64 takes two widenings and 4
+# lanes: the deviations pass of a float16 block took 0.56 of the time, measured),
+# about ``k``, the mean rounded to float32, and corrected in float64 by
+# ``n * (mean - k)**2``. Error: each difference and square rounds once and a run's
+# sum of positive terms at most ``HALF_RUN - 1`` times, so the second moment is
+# within 2**-16 of itself (any order of the sum), and exact where ``x == k``
+# throughout (a constant block). bfloat16 squares can overflow or underflow
+# float32: a result outside [n 2**-100, 2**100] is computed again in float64.
+
+#: Squared deviations of half elements summed in float32 at most this many at a time.
+HALF_RUN = 256
+#: float32 second moments of half elements outside [n M2_FLOOR, M2_CEILING] may have
+#: lost range (bfloat16) and are computed again in float64.
+M2_FLOOR, M2_CEILING = 2.0 ** -100, 2.0 ** 100
+
+
+@njit(fastmath=_REDUCE, cache=True)
+def _squares_about(x, k):
+    """``sum((x - k)**2)`` in float32, any order, ``k`` float32."""
+    acc = np.float32(0.0)
+    for i in range(x.shape[0]):
+        d = load(x, i) - k
+        acc += d * d
+    return acc
+
+
+@njit(cache=True)
+def _in_range(m2, n, x):
+    return squares_in_range(x) or (n * M2_FLOOR <= m2 <= M2_CEILING)
+
+
+@njit(cache=True)
+def _block_m2_floats(mean, x):
+    return _sum_squared_deviations(x, mean)
+
+
+@njit(cache=True)
+def _block_m2_half(mean, x):
+    k = np.float32(mean)
+    acc = 0.0
+    for start in range(0, x.shape[0], HALF_RUN):
+        acc += _squares_about(x[start:start + HALF_RUN], k)
+    m2 = acc - x.shape[0] * (mean - k) ** 2
+    return m2 if _in_range(m2, x.shape[0], x) else _sum_squared_deviations(x, mean)
+
+
+#: ``sum((x - mean)**2)`` of a block: float64, or for half elements float32 runs.
+_block_m2 = by_element(_block_m2_floats, _block_m2_half)
+
+
 @njit(cache=True)
 def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Merge two (count, mean, M2) states (Chan et al.)."""
@@ -74,7 +129,7 @@ def _span_moments(x):
         block = x[start:min(start + BLOCK, m)]
         size = block.shape[0]
         block_mean = _sum(block) / size
-        block_m2 = _sum_squared_deviations(block, block_mean)
+        block_m2 = _block_m2(block_mean, block)
         count, mean, m2 = _chan(count, mean, m2, size, block_mean, block_m2)
     return mean, m2
 
@@ -285,7 +340,7 @@ def _add_columns(acc, x, r0, r1, lo):
 
 
 @njit(cache=True)
-def _add_squared_deviations(acc, x, r0, r1, lo, mean):
+def _add_squared_deviations_floats(acc, r0, r1, lo, mean, x):
     hi = lo + acc.shape[0]
     r = r0
     while r + 4 <= r1:
@@ -300,6 +355,44 @@ def _add_squared_deviations(acc, x, r0, r1, lo, mean):
         for j in range(acc.shape[0]):
             da = load(a, j) - mean[j]
             acc[j] += da * da
+
+
+@njit(cache=True)
+def _add_squared_deviations_half(acc, r0, r1, lo, mean, x):
+    """The float32 form of the block moments above, four rows at a time (a
+    run of 4: within 2**-21), about ``k``; the whole block again in float64
+    if a column's result is out of range (bfloat16)."""
+    hi = lo + acc.shape[0]
+    k = np.empty(acc.shape[0], np.float32)
+    for j in range(acc.shape[0]):
+        k[j] = np.float32(mean[j])
+    r = r0
+    while r + 4 <= r1:
+        a, b, c, d = x[r, lo:hi], x[r + 1, lo:hi], x[r + 2, lo:hi], x[r + 3, lo:hi]
+        for j in range(acc.shape[0]):
+            m = k[j]
+            da, db, dc, dd = load(a, j) - m, load(b, j) - m, load(c, j) - m, load(d, j) - m
+            acc[j] += (da * da + db * db) + (dc * dc + dd * dd)
+        r += 4
+    for q in range(r, r1):
+        a = x[q, lo:hi]
+        for j in range(acc.shape[0]):
+            da = load(a, j) - k[j]
+            acc[j] += da * da
+    fine = True
+    for j in range(acc.shape[0]):
+        acc[j] -= (r1 - r0) * (mean[j] - k[j]) ** 2
+        fine = fine and _in_range(acc[j], r1 - r0, x)
+    if not fine:
+        acc[:] = 0.0
+        _add_squared_deviations_floats(acc, r0, r1, lo, mean, x)
+
+
+#: Add to ``acc`` the squared deviations from ``mean`` (float64, per column) of
+#: rows ``r0:r1``, columns ``lo:lo+len(acc)`` of ``x``, four rows per visit of
+#: the accumulator; half elements as above (``acc`` must start at 0 for them).
+_add_squared_deviations = by_element(_add_squared_deviations_floats,
+                                     _add_squared_deviations_half)
 
 
 @njit(cache=True)

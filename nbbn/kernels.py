@@ -262,8 +262,8 @@ def _row_moments_task(t, x, parts, channels, inner, blocks, means, m2s):
     col_mean *= 1.0 / (r1 - r0)
     col_m2 = np.zeros(segments * width)
     for s in range(segments):
-        _add_squared_deviations(col_m2[s * width:(s + 1) * width], x, r0, r1,
-                                s * stride + c0 * inner, col_mean[s * width:(s + 1) * width])
+        _add_squared_deviations(col_m2[s * width:(s + 1) * width], r0, r1,
+                                s * stride + c0 * inner, col_mean[s * width:(s + 1) * width], x)
     # Fold the tiles * inner columns of each channel: equal counts.
     tiles = x.shape[1] // stride
     if inner == 1:

@@ -314,3 +314,24 @@ def test_sync_batchnorm_on_half_slices():
         np.testing.assert_allclose(rv.astype(np.float64), ref_rv, rtol=2 ** -10)
     np.testing.assert_allclose(sum(r[3].astype(np.float64) for r in results), ref_dw,
                                rtol=2 ** -9, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("shape", [(4, 3, 40, 60), (700, 5)], ids=["planes", "rows"])
+def test_float32_second_moment_of_half_inputs(dtype, shape):
+    """The second moment of half elements is summed in float32 runs: the batch variance
+    stays within 2**-16 of the float64 one at any offset and spread (bfloat16's extreme
+    ranges, where float32 squares overflow or underflow, are summed again in float64), and
+    a constant channel's variance is exactly 0."""
+    rng = np.random.default_rng(11)
+    big = 1e30 if dtype == BF16 else 6e4
+    for loc, spread in [(0.0, 1.0), (3e3, 0.5), (big, big / 8), (1e-3, 1e-4),
+                        (1e-30 if dtype == BF16 else 1e-5, 1e-32 if dtype == BF16 else 1e-6)]:
+        x = half_input(rng, shape, dtype, loc, spread)
+        x[:, 1] = x.flat[7]
+        _, _, invstd = F.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-300)
+        ref = x.astype(np.float64).var(axis=(0,) + tuple(range(2, x.ndim)))
+        var = 1.0 / invstd ** 2 - 1e-300
+        assert invstd[1] == 1.0 / np.sqrt(1e-300)  # the constant channel's variance is 0
+        keep = ref > 0
+        np.testing.assert_allclose(var[keep], ref[keep], rtol=2.0 ** -16, err_msg=str(loc))
