@@ -362,23 +362,10 @@ def _add_squared_deviations_half(acc, r0, r1, lo, mean, x):
     """The float32 form of the block moments above, four rows at a time (a
     run of 4: within 2**-21), about ``k``; the whole block again in float64
     if a column's result is out of range (bfloat16)."""
-    hi = lo + acc.shape[0]
     k = np.empty(acc.shape[0], np.float32)
     for j in range(acc.shape[0]):
         k[j] = np.float32(mean[j])
-    r = r0
-    while r + 4 <= r1:
-        a, b, c, d = x[r, lo:hi], x[r + 1, lo:hi], x[r + 2, lo:hi], x[r + 3, lo:hi]
-        for j in range(acc.shape[0]):
-            m = k[j]
-            da, db, dc, dd = load(a, j) - m, load(b, j) - m, load(c, j) - m, load(d, j) - m
-            acc[j] += (da * da + db * db) + (dc * dc + dd * dd)
-        r += 4
-    for q in range(r, r1):
-        a = x[q, lo:hi]
-        for j in range(acc.shape[0]):
-            da = load(a, j) - k[j]
-            acc[j] += da * da
+    _add_squared_deviations_floats(acc, r0, r1, lo, k, x)  # float32 arithmetic about k
     fine = True
     for j in range(acc.shape[0]):
         acc[j] -= (r1 - r0) * (mean[j] - k[j]) ** 2
