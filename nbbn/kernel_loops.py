@@ -435,7 +435,7 @@ def _two_pass_columns(mean, m2, r0, r1, lo, x):
     _add_squared_deviations_floats(m2, r0, r1, lo, mean, x)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _column_moments_floats(mean, m2, r0, r1, lo, x):
     """One pivoted pass (see ``PIVOT_BITS``), the pivot of each column being
     its value in row ``r0``; two passes again if one column needs them."""
