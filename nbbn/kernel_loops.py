@@ -492,6 +492,31 @@ def _gradient(dy, mask, j):
 
 
 @njit(cache=True)
+def _grad_input_rows(dy, x, mask, a, b, c, mean, r0, r1, out):
+    """:func:`_grad_input_plain` of rows ``r0:r1`` of (R, W) arrays, with
+    per-column coefficients, four rows per visit of them (a row at a time,
+    their loads bound the loop: four took 0.6 of the time at (128, 1024),
+    measured); the same arithmetic, so the same bits."""
+    w = a.shape[0]
+    r = r0
+    while r + 4 <= r1:
+        xa, xb, xc, xd = x[r], x[r + 1], x[r + 2], x[r + 3]
+        da, db, dc, dd = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
+        ma, mb = row(mask, r, 0, w), row(mask, r + 1, 0, w)
+        mc, md = row(mask, r + 2, 0, w), row(mask, r + 3, 0, w)
+        oa, ob, oc, od = out[r], out[r + 1], out[r + 2], out[r + 3]
+        for j in range(w):
+            aj, bj, cj, mj = a[j], b[j], c[j], mean[j]
+            store(oa, j, _gradient(da, ma, j) * aj + (load(xa, j) - mj) * bj + cj)
+            store(ob, j, _gradient(db, mb, j) * aj + (load(xb, j) - mj) * bj + cj)
+            store(oc, j, _gradient(dc, mc, j) * aj + (load(xc, j) - mj) * bj + cj)
+            store(od, j, _gradient(dd, md, j) * aj + (load(xd, j) - mj) * bj + cj)
+        r += 4
+    for k in range(r, r1):
+        _grad_input_plain(dy[k], x[k], row(mask, k, 0, w), a, b, c, mean, out[k])
+
+
+@njit(cache=True)
 def _add_grad_columns(s_dy, s_dyx, x, dy, mask, r0, r1, lo, mean):
     hi = lo + s_dy.shape[0]
     r = r0

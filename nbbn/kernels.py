@@ -33,7 +33,7 @@ from ._half import _bits_of_f32, _f32_from_bits, float_empty
 from ._jit import at, by_element, row, serial_twin, span, tail
 from .kernel_loops import (_add_grad_columns, _affine_plain, _affine_span, _column_moments,
                            _expand, _expand_rows, _fold_columns, _fold_tiles, _grad_dot,
-                           _grad_input_plain, _grad_input_span, _normalize_row, _normalize_span,
+                           _grad_input_rows, _grad_input_span, _normalize_row, _normalize_span,
                            _span_moments)
 
 
@@ -419,8 +419,8 @@ def _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, out):
     w = x.shape[1]
     ea, eb = _expand(a, channels, inner, w), _expand(b, channels, inner, w)
     ec, em = _expand(c, channels, inner, w), _expand(mean, channels, inner, w)
-    for r in prange(x.shape[0]):
-        _grad_input_plain(dy[r], x[r], row(mask, r, 0, w), ea, eb, ec, em, out[r])
+    for t in prange((x.shape[0] + 3) // 4):
+        _grad_input_rows(dy, x, mask, ea, eb, ec, em, 4 * t, min(4 * t + 4, x.shape[0]), out)
 
 
 @njit(cache=True)
