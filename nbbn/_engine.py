@@ -233,7 +233,10 @@ def tasks_of(layout, team=1):
     return out
 
 
-_numba = None
+#: ``numba.get_num_threads`` and ``numba.set_num_threads``, or the faster
+#: functions of the threading layer they call (see
+#: :func:`nbbn._threads.thread_count_functions`); bound on the first parallel call.
+_get_threads = _set_threads = None
 
 
 def _crew(layout):
@@ -241,14 +244,13 @@ def _crew(layout):
     caller's ``numba.get_num_threads()`` (its cap, restored after the call);
     a team of 1 runs the serial twins (also in a child forked from GNU
     OpenMP threads, see :mod:`nbbn._threads`)."""
-    global _numba
+    global _get_threads, _set_threads
     if layout.max_team == 1 or not _threads.parallel_ok:
         return 1, 1
-    if _numba is None:
+    if _get_threads is None:
         kernels()
-        import numba
-        _numba = numba
-    threads = _numba.get_num_threads()
+        _get_threads, _set_threads = _threads.thread_count_functions()
+    threads = _get_threads()
     return min(threads, layout.max_team), threads
 
 
@@ -263,7 +265,7 @@ def _run(crew, name, *args):
     kernel = getattr(k, name)
     lock = _threads.lock
     if team < threads:
-        _numba.set_num_threads(team)
+        _set_threads(team)
     try:
         if lock is None:
             return kernel(*args)
@@ -274,7 +276,7 @@ def _run(crew, name, *args):
         return result
     finally:
         if team < threads:
-            _numba.set_num_threads(threads)
+            _set_threads(threads)
 
 
 def _stream(layout, out):

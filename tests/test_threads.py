@@ -178,3 +178,31 @@ print(len(set(digests)), restored, numba.threading_layer())
 def test_bitwise_identical_for_every_team():
     out = run_python(EVERY_TEAM, env={"NUMBA_NUM_THREADS": "8"}).split()
     assert out[:2] == ["1", "True"], out
+
+
+#: The thread count nbbn reads and sets through the layer's own functions is
+#: numba's: what either sets, the other reads (in a thread of its own too,
+#: where numba's count is per thread).
+COUNTS = """
+import threading, numba
+from nbbn import _threads
+get, put = _threads.thread_count_functions()
+seen = [get() == numba.get_num_threads() == 4]
+for n in (1, 3, 4):
+    put(n)
+    seen.append(numba.get_num_threads() == n)
+    numba.set_num_threads(5 - n)
+    seen.append(get() == 5 - n)
+def other():
+    seen.append(get() == 4)
+    put(2)
+    seen.append(numba.get_num_threads() == 2)
+t = threading.Thread(target=other)
+t.start(); t.join()
+seen.append(get() == numba.get_num_threads() == 1)
+print(all(seen), len(seen))
+"""
+
+
+def test_thread_count_functions_are_numbas():
+    assert run_python(COUNTS, env={"NUMBA_NUM_THREADS": "4"}).split() == ["True", "10"]
