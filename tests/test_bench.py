@@ -223,6 +223,16 @@ def test_pipeline_steps_compute_the_mlp_gradients(engine):
         np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
 
 
+def test_matmul_floor_is_the_steps_matmuls():
+    from nbbn.programs.pipeline import STEPS, FLOORS, _inputs, make_step
+    assert FLOORS == ("matmuls",) and list(STEPS)[-1] == "matmuls"
+    x, w1, w2, dy = (a.astype(np.float64) for a in _inputs(16))
+    a1 = x @ w1
+    expected = (x.T @ (dy @ w2.T), a1.T @ dy)
+    for got, want in zip(make_step("matmuls", 16)(), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_cli_pipeline(tmp_path):
     path = tmp_path / "pipeline.json"
     r = run_cli("--pipeline", "8", "16", "--repeat", "2", "--threads", "1", "--json", str(path))
@@ -232,6 +242,10 @@ def test_cli_pipeline(tmp_path):
     assert "| (" not in r.stdout  # no per-call cases without --shapes/--ops
     result = json.loads(path.read_text())["pipeline"]
     assert [c["batch"] for c in result["cases"]] == [8, 16]
+    assert " matmuls |" in r.stdout and "nbbn - matmuls" in r.stdout
     for case in result["cases"]:
         assert len(case["samples"]["nbbn"]) == 2 and case["seconds"]["nbbn"] > 0
-        assert "numpy" in case["speedup"]
+        assert "numpy" in case["speedup"] and "matmuls" not in case["speedup"]
+        s = case["seconds"]
+        assert case["over_matmuls"] == {"nbbn": s["nbbn"] - s["matmuls"],
+                                         "numpy": s["numpy"] - s["matmuls"]}

@@ -33,7 +33,7 @@ import numpy as np
 
 from .bench_engines import (DEFAULT_ENGINES, DTYPES, ENGINES, OPERATIONS, TRAFFIC, dtype_named,
                             make_inputs)
-from .pipeline import BATCHES, STEPS
+from .pipeline import BATCHES, FLOORS, STEPS
 
 __all__ = ["DEFAULT_CASES", "BandwidthProbe", "measure_bandwidth", "calibrate", "sample",
            "time_call", "run", "run_pipeline", "format_table", "first_call_seconds", "startup_times", "plot",
@@ -199,7 +199,12 @@ def run_pipeline(batches=BATCHES, engines=tuple(STEPS), threads=None, repeat=7,
         seconds = {e: float(np.median(samples[e][b])) for e in samples}
         case = {"batch": b, "seconds": seconds, "samples": {e: samples[e][b] for e in samples}}
         if "nbbn" in seconds:
-            case["speedup"] = {k: v / seconds["nbbn"] for k, v in seconds.items() if k != "nbbn"}
+            case["speedup"] = {k: v / seconds["nbbn"] for k, v in seconds.items()
+                               if k != "nbbn" and k not in FLOORS}
+        for floor in FLOORS:
+            if floor in seconds:  # what the NumPy steps spend on batch norm
+                case[f"over_{floor}"] = {k: seconds[k] - seconds[floor]
+                                         for k in ("nbbn", "numpy") if k in seconds}
         cases.append(case)
     return {"threading": report.get("nbbn", ""), "cases": cases}
 
@@ -328,17 +333,22 @@ def format_table(result):
     if "pipeline" in result:
         pipe = result["pipeline"]
         names = [e for e in STEPS if any(e in c["seconds"] for c in pipe["cases"])]
-        others = [e for e in names if e != "nbbn"]
+        others = [e for e in names if e != "nbbn" and e not in FLOORS]
+        over = [(f, e) for f in FLOORS if f in names for e in ("nbbn", "numpy") if e in names]
         lines += ["", "Pipeline: one training step of a NumPy MLP, x (B, 256) @ W1 -> BatchNorm(512) "
                       "-> ReLU -> @ W2 -> BatchNorm(512) -> ReLU and its backward, BLAS matmuls in "
-                      f"between ({pipe['threading']}):", "",
-                  "| batch | " + " | ".join(names) + " | " + " | ".join(f"vs {e}" for e in others)
-                  + " |", "|" + "---|" * (1 + len(names) + len(others))]
+                      f"between ({pipe['threading']}); matmuls: the NumPy step's five matmuls "
+                      "alone, and what each NumPy step takes more:", "",
+                  "| batch | " + " | ".join(names) + " | "
+                  + " | ".join([f"vs {e}" for e in others] + [f"{e} - {f}" for f, e in over])
+                  + " |", "|" + "---|" * (1 + len(names) + len(others) + len(over))]
         for c in pipe["cases"]:
             r = c.get("speedup", {})
             lines.append(f"| {c['batch']} | " + " | ".join(_fmt_time(c["seconds"].get(e))
                                                           for e in names)
-                         + " | " + " | ".join(_fmt_ratio(r.get(e)) for e in others) + " |")
+                         + " | " + " | ".join([_fmt_ratio(r.get(e)) for e in others]
+                                              + [_fmt_time(c[f"over_{f}"][e]) for f, e in over])
+                         + " |")
     if "startup" in result:
         st = result["startup"]
         lines += ["", f"import nbbn: {st['import_s']:.3f} s; first forward+backward in a new "

@@ -6,8 +6,9 @@ training loop (a kernel that wins alone can lose there: thread pools compete).
 BatchNorm(512) -> ReLU``, then the backward from a given output gradient: both
 batch norm backwards and the three matmuls (``dW2``, the hidden gradient, ``dW1``).
 Engines: nbbn (``BatchNorm(512, activation='relu')``), a plain NumPy batch norm
-(mean, var, normalize; closed-form backward) and torch (the same model, autograd).
-float32 throughout.
+(mean, var, normalize; closed-form backward) and torch (the same model, autograd);
+and ``matmuls``, the step's five NumPy matmuls alone, the floor under the two
+NumPy steps (torch's step runs torch's own matmuls). float32 throughout.
 """
 import numpy as np
 
@@ -115,8 +116,25 @@ class TorchStep:
         return self.w[0].grad.numpy(), self.w[1].grad.numpy()
 
 
+class MatmulStep:
+    """The step's five matmuls on the same shapes, with no batch norm and no
+    ReLU: what the NumPy steps take whatever their batch norm costs."""
+
+    def __init__(self, batch, threads=None):
+        self.x, self.w1, self.w2, self.dy = _inputs(batch)
+
+    def __call__(self):
+        a1 = self.x @ self.w1
+        a1 @ self.w2
+        dw2 = a1.T @ self.dy
+        dw1 = self.x.T @ (self.dy @ self.w2.T)
+        return dw1, dw2
+
+
 #: name -> step class, in the order tables show them.
-STEPS = {"nbbn": NbbnStep, "numpy": NumpyStep, "torch": TorchStep}
+STEPS = {"nbbn": NbbnStep, "numpy": NumpyStep, "torch": TorchStep, "matmuls": MatmulStep}
+#: Steps without batch norm, which nbbn's is not compared with (no "vs" ratio).
+FLOORS = ("matmuls",)
 
 
 def make_step(engine, batch, threads=None):
