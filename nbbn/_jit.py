@@ -131,6 +131,10 @@ def at(a, i):
     """``a[i]`` of an array, or the scalar ``a`` itself (inside jitted code)."""
 
 
+def plane_rows(a):
+    """(N, C, M) ``a`` as its (N, C * M) rows, or None for None (inside jitted code)."""
+
+
 def head(a, n):
     """``a[:n]``, or None for None (inside jitted code)."""
 
@@ -158,6 +162,13 @@ def _at(a, i):
     if isinstance(a, types.Array):
         return lambda a, i: a[i]
     return lambda a, i: a
+
+
+@overload(plane_rows)
+def _plane_rows(a):
+    if isinstance(a, types.NoneType):
+        return lambda a: None
+    return lambda a: a.reshape((a.shape[0], a.shape[1] * a.shape[2]))
 
 
 @overload(head)

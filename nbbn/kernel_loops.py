@@ -541,6 +541,98 @@ def _add_grad_columns(s_dy, s_dyx, x, dy, mask, r0, r1, lo, mean):
             s_dyx[j] += g * (load(xk, j) - mean[j])
 
 
+# --- runs: rows whose channels are runs of ``inner`` consecutive values ----------
+# Run ``q`` of a row (q = 0, 1, ...) holds ``inner`` values of channel ``q %
+# channels``: planes laid end to end, and (R, W) views of (N, C, inner) arrays.
+# Each run takes its channel's scalar coefficients: per-column arrays of a long
+# row (12544 columns at (N, 256, 7, 7)) are read from L2 for every value, and a
+# call a span costs more than a short plane (measured: 2.6 times as long at
+# (510, 256, 7, 7), 1.4 at (127, 256, 14, 14), one thread). Runs are indexed in
+# the row, unsigned (no view: a view of a shared row costs a reference count;
+# no wrap-around check, which would keep the loops scalar). The arithmetic is
+# that of the loops above, so the bits are the same.
+
+@njit(inline="always")
+def _run_bounds(q, inner):
+    lo = np.uintp(q) * np.uintp(inner)
+    return lo, lo + np.uintp(inner)
+
+
+@njit(inline="always")
+def _next_channel(c, channels):
+    return c + 1 if c + 1 < channels else 0
+
+
+@njit(inline="always")
+def _normalize_run_floats(x, lo, hi, a, b, coef, c, ok, relu, out):
+    if relu:
+        for i in range(lo, hi):
+            v = load(x, i) * a + b
+            v = 0.0 if v < 0.0 else v
+            store(out, i, v)
+    else:
+        for i in range(lo, hi):
+            store(out, i, load(x, i) * a + b)
+
+
+@njit(inline="always")
+def _normalize_run_half(x, lo, hi, a, b, coef, c, ok, relu, out):
+    if not ok:
+        _normalize_run_floats(x, lo, hi, a, b, coef, c, ok, relu, out)
+        return
+    k, a_hi, a_lo, b_hi, b_lo = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
+    for i in range(lo, hi):
+        v = load(x, i)
+        y = fma(v, a_hi, b_hi) + fma(v - k, a_lo, b_lo)
+        if relu:
+            y = np.float32(0.0) if y < 0.0 else y
+        store(out, i, y)
+
+
+_normalize_run = by_element(_normalize_run_floats, _normalize_run_half)
+
+
+@njit(cache=True)
+def _normalize_runs(x, scale, shift, coef, ok, channels, inner, relu, q0, q1, out):
+    """Runs ``q0:q1`` of 1-D ``x`` normalized as :func:`_normalize_span`
+    does a span: ``x * scale[c] + shift[c]``, or for a half ``out`` where
+    ``ok``, :func:`_normalize_half` with column ``c`` of ``coef`` (5, C)."""
+    c = q0 % channels
+    for q in range(q0, q1):
+        lo, hi = _run_bounds(q, inner)
+        _normalize_run(x, lo, hi, scale[c], shift[c], coef, c, ok, relu, out)
+        c = _next_channel(c, channels)
+
+
+@njit(cache=True)
+def _affine_runs(x, scale, shift, relu, mask, channels, inner, q0, q1, out):
+    """Runs ``q0:q1`` of 1-D ``x`` as :func:`_affine_plain` does a span."""
+    c = q0 % channels
+    for q in range(q0, q1):
+        lo, hi = _run_bounds(q, inner)
+        a, b = scale[c], shift[c]
+        if mask is None:
+            _normalize_run_floats(x, lo, hi, a, b, None, c, False, relu, out)
+        else:
+            for i in range(lo, hi):
+                v = load(x, i) * a + b
+                v = v if load(mask, i) > 0 else 0.0
+                store(out, i, v)
+        c = _next_channel(c, channels)
+
+
+@njit(cache=True)
+def _grad_input_runs(dy, x, mask, a, b, c, mean, channels, inner, q0, q1, out):
+    """Runs ``q0:q1`` of 1-D arrays as :func:`_grad_input_rows` does a row."""
+    ch = q0 % channels
+    for q in range(q0, q1):
+        lo, hi = _run_bounds(q, inner)
+        aj, bj, cj, mj = a[ch], b[ch], c[ch], mean[ch]
+        for i in range(lo, hi):
+            store(out, i, _gradient(dy, mask, i) * aj + (load(x, i) - mj) * bj + cj)
+        ch = _next_channel(ch, channels)
+
+
 @njit(cache=True)
 def _fold_tiles(col, channels, center, out):
     """``out[c]``: the sum over tiles of ``col[t * channels + c]`` (one column
