@@ -13,7 +13,7 @@ Two memory layouts cover every input (see ``nbbn._engine.layout_of``):
 Outputs are written by chunk of a plane, or by row with per-column
 coefficients; where a row's channels are runs of several values (rows of
 ``(N, C, M)`` inputs, short planes) by *channel runs*, each run with its
-channel's scalar coefficients (see ``RUN_MIN``).
+channel's scalar coefficients (see ``RUN_WIDTH``).
 
 The chunks whose partial states are merged are fixed by the shape, never by
 the thread count, and merged serially in order; what a team of threads may
@@ -328,15 +328,23 @@ def _row_moments_pass(x, parts, channels, inner, blocks):
     return means, m2s
 
 
-# Passes that write an output by channel runs (kernel_loops' runs) where a
-# row's channels are runs of RUN_MIN values or more: rows views of (N, C,
-# inner) arrays, and planes shorter than RUN_MAX not streamed; elsewhere by
-# spans of planes, or rows with per-column coefficient arrays. A task of runs
-# has about RUN_TASK values of one row; outputs depend on no task boundary.
+# Passes that write an output by channel runs (kernel_loops' runs): wide rows
+# views of (N, C, inner) arrays, and planes shorter than RUN_MAX not streamed;
+# elsewhere by spans of planes, or rows with per-column coefficient arrays. A
+# task of runs has about RUN_TASK values of one row; outputs depend on no task
+# boundary.
 
-#: Shortest runs taken by runs: 2 values a run took 2.9 times as long by runs as
-#: with per-column arrays, 3 took 0.5 (measured, (N, 256, s, s) float32).
-RUN_MIN = 3
+#: Rows views are written by runs where their channels are runs of at least
+#: RUN_MIN values (twice as many for the input gradient) and the row is at least
+#: RUN_WIDTH values wide; elsewhere per-column coefficient arrays cost less: a
+#: narrower row's stay in L1 (2 x 3072 float64 are 48 KiB), and a shorter run is
+#: mostly a scalar remainder of the vector loop. Measured, one thread, float32,
+#: runs against arrays, training/evaluation/backward: (64, 512, 3, 3)
+#: 1.02/1.03/1.26, (256, 64, 4, 4) 1.29/1.56/1.09, (64, 256, 4, 4)
+#: 0.79/0.66/0.95, (64, 256, 5, 5) 0.75/0.61/1.08, (64, 256, 6, 6)
+#: 0.79/0.68/0.88, (64, 64, 7, 7) 0.79/0.66/0.93.
+RUN_MIN = 16
+RUN_WIDTH = 3072
 #: Planes shorter than this are written by runs: a call a span cost 2.6 times
 #: the time at 8 x 8, 1.4 at 14 x 14, 1.05 at 28 x 28 (measured, one thread).
 RUN_MAX = 1024
@@ -348,6 +356,13 @@ RUN_TASK = 1 << 13
 def _by_runs(x, stream):
     """Whether planes ``x`` (N, C, M) are written by runs."""
     return x.shape[2] < RUN_MAX and not stream
+
+
+@njit(inline="always")
+def _rows_by_runs(x, inner, shortest=RUN_MIN):
+    """Whether rows ``x`` (R, W) of runs of ``inner`` values are written by
+    runs, where runs of ``shortest`` values pay."""
+    return inner >= shortest and x.shape[1] >= RUN_WIDTH
 
 
 @njit(inline="always")
@@ -382,7 +397,7 @@ def _plane_affine_pass(x, scale, shift, chunk, relu, mask, stream, out):
 
 @njit(inline="always")
 def _row_affine_pass(x, scale, shift, channels, inner, relu, mask, out):
-    if inner >= RUN_MIN:
+    if _rows_by_runs(x, inner):
         _runs_affine_pass(x, scale, shift, channels, inner, relu, mask, out)
     else:
         w = x.shape[1]
@@ -442,7 +457,7 @@ _row_coefficients = by_element(_row_coefficients_floats, _row_coefficients_half)
 
 @njit(inline="always")
 def _row_normalize_pass(x, mean, scale, shift, bias, channels, inner, relu, out):
-    if inner >= RUN_MIN:
+    if _rows_by_runs(x, inner):
         coef, ok = half_coefficients(mean, scale, bias, out)
         _runs_normalize_pass(x, scale, shift, coef, ok, channels, inner, relu, out)
     else:
@@ -502,7 +517,7 @@ def _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, out):
     # Half outputs keep the arrays: their runs' remainders convert one value at
     # a time (by runs took 1.2 times as long at 7 x 7 and 10 x 10 float16, 0.54
     # float32 at 10 x 10, measured).
-    if inner >= RUN_MIN and out.itemsize > 2:
+    if _rows_by_runs(x, inner, 2 * RUN_MIN) and out.itemsize > 2:
         _runs_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, out)
     else:
         w = x.shape[1]

@@ -8,7 +8,7 @@ SHAPES = [
     ((16, 5), 1),            # BatchNorm1d (N, C)
     ((4, 3, 7), 1),          # BatchNorm1d (N, C, L), short planes: rows layout
     ((3, 4, 300), 1),        # (N, C, L), planes layout, outputs by channel runs
-    ((2, 3, 9, 11), 1),      # BatchNorm2d, rows layout (planes of 99 values)
+    ((2, 64, 7, 7), 1),      # BatchNorm2d, rows layout (planes of 49 values) by runs
     ((2, 3, 2, 5, 7), 1),    # BatchNorm3d
     ((5, 6, 7, 3), -1),      # channels-last images
     ((6, 4), -1),
