@@ -13,7 +13,7 @@ import naive
 import nbbn
 import nbbn.functional as F
 from conftest import assert_unchanged, snapshot
-from nbbn._engine import GRAIN, layout_of
+from nbbn._engine import FORWARD_GRAIN, layout_of
 
 try:
     import ml_dtypes
@@ -25,13 +25,14 @@ HALVES = [pytest.param(F16, id="float16"),
           pytest.param(BF16, id="bfloat16",
                        marks=pytest.mark.skipif(BF16 is None, reason="needs ml_dtypes"))]
 #: (shape, axis): serial planes, rows by channel runs, (N, C), channels-last; the
-#: last two are over nbbn's serial limit (2 * GRAIN elements), so the parallel kernels run:
+#: last two are over nbbn's serial limit (2 * FORWARD_GRAIN elements for a forward), so the
+#: parallel kernels run:
 #: planes with a task per channel, rows split into channel blocks. bfloat16 takes the
 #: serial ones only: the kernels' code is the same for both types but for the element
 #: conversions (tests/test_half.py), and each parallel kernel is seconds of compiling.
 SHAPES = {"planes": ((3, 4, 32, 40), 1), "rows-runs": ((2, 64, 7, 7), 1), "NC": ((33, 6), 1),
-          "channels-last": ((2, 5, 6, 3), -1), "planes-parallel": ((8, 16, 16, 36), 1),
-          "rows-parallel": ((8192, 12), 1)}
+          "channels-last": ((2, 5, 6, 3), -1), "planes-parallel": ((8, 16, 16, 72), 1),
+          "rows-parallel": ((16384, 12), 1)}
 CASES = [pytest.param(*dt.values, *shape, id=f"{dt.id}-{name}", marks=dt.marks)
          for dt in HALVES for name, shape in SHAPES.items()
          if dt.id == "float16" or "parallel" not in name]
@@ -64,7 +65,8 @@ def params(rng, channels):
 
 @pytest.mark.parametrize("dtype,shape,axis", CASES)
 def test_forward_and_backward_within_one_ulp(dtype, shape, axis):
-    assert (layout_of(shape, axis, 2).max_team > 1) == (np.prod(shape) >= 2 * GRAIN)
+    assert ((layout_of(shape, axis, 2).team(64, FORWARD_GRAIN) > 1)
+            == (np.prod(shape) >= 2 * FORWARD_GRAIN))
     rng = np.random.default_rng(18)
     x = half_input(rng, shape, dtype)
     c = shape[axis]

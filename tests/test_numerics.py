@@ -129,7 +129,7 @@ CACHED = textwrap.dedent("""
     from nbbn import kernels
     bn = nbbn.BatchNorm(4)
     # Large enough for the parallel kernels (small inputs run their serial twins).
-    x = np.random.default_rng(0).standard_normal((4, 4, 64, 64)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((8, 4, 64, 64)).astype(np.float32)
     y = bn(x); bn.backward(y)
     hits = sum(sum(k.stats.cache_hits.values()) for k in (kernels.plane_train, kernels.plane_backward))
     print(hits, float(np.abs(y).sum()))

@@ -1,7 +1,7 @@
 """The work split (nbbn/_engine.py's plans) for 1 to 64 threads, in pure
 Python (nothing compiles): over the bench shapes and every layout, a plan
 gives every team at least two balanced tasks a thread, a team only as large
-as the input pays for, and task boundaries that no thread count changes (so
+as the input pays for (a forward's half as large as a backward's), and task boundaries that no thread count changes (so
 the bits do not change either; tests/test_threads.py runs the kernels)."""
 import math
 
@@ -36,6 +36,11 @@ def test_plans_for_1_to_64_threads(shape, axis):
         assert team == min(threads, layout.max_team)
         tasks = _engine.tasks_of(layout, team)
         assert sum(tasks) == work  # the tasks cover the input once
+        # A forward (one array read per value) gives each thread twice the values.
+        forward = layout.team(threads, _engine.FORWARD_GRAIN)
+        assert forward == max(1, min(team, work // _engine.FORWARD_GRAIN))
+        if forward > 1:
+            assert len(_engine.tasks_of(layout, forward)) >= 2 * forward
         if team == 1:  # serial: rows in one task; planes span by span
             assert len(tasks) == 1 or layout.planes or not layout.serial
             continue
@@ -100,6 +105,8 @@ def test_the_issue_shapes():
     small = _engine.layout_of((256, 512), 1, 4)
     assert small.max_team == 4
     assert [len(_engine.tasks_of(small, small.team(t))) for t in (2, 4, 16)] == [4, 8, 8]
+    assert [small.team(t, _engine.FORWARD_GRAIN) for t in (1, 2, 16)] == [1, 2, 2]
+    assert _engine.layout_of((128, 512), 1, 4).team(16, _engine.FORWARD_GRAIN) == 1
     mid = _engine.layout_of((4096, 1024), 1, 4)
     assert [len(_engine.tasks_of(mid, mid.team(t))) for t in (2, 16, 32, 64)] == [32, 32, 64, 128]
     assert _engine.layout_of((64, 128), 1, 4).serial

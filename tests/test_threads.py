@@ -28,7 +28,7 @@ import nbbn, numba
 from nbbn import _threads
 
 def step(seed):
-    x = np.random.default_rng(seed).standard_normal((64, 32, 40)).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal((128, 32, 40)).astype(np.float32)
     bn = nbbn.BatchNorm(32)
     y = bn(x)
     return y, bn.backward(np.ones_like(y) * 0.5), bn.running_var
@@ -109,7 +109,7 @@ def test_missing_tbb_falls_back_with_a_warning():
         ctypes.CDLL = NoTBB
         import numpy as np, numba, nbbn
         from nbbn import _threads
-        x = np.random.default_rng(0).standard_normal((64, 32, 40)).astype(np.float32)
+        x = np.random.default_rng(0).standard_normal((128, 32, 40)).astype(np.float32)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             y = nbbn.batch_norm(x, training=True)
@@ -130,7 +130,7 @@ def test_tbb_is_the_default_and_import_stays_light():
         import nbbn
         assert "numba" not in sys.modules  # import nbbn loads TBB, not numba
         import numpy as np, numba
-        nbbn.batch_norm(np.ones((64, 32, 40), np.float32), training=True)
+        nbbn.batch_norm(np.ones((128, 32, 40), np.float32), training=True)
         print(numba.threading_layer(), nbbn._threads.lock, nbbn._threads.tbb_problem)
     """)
     assert run_python(code).split() == ["tbb", "None", "None"]
@@ -138,7 +138,7 @@ def test_tbb_is_the_default_and_import_stays_light():
 
 def test_a_chosen_layer_is_honoured():
     code = ("import numpy as np, numba, nbbn\n"
-            "nbbn.batch_norm(np.ones((64, 32, 40), np.float32), training=True)\n"
+            "nbbn.batch_norm(np.ones((128, 32, 40), np.float32), training=True)\n"
             "print(numba.threading_layer(), nbbn._threads.lock is None)")
     assert run_python(code, env={"NUMBA_THREADING_LAYER": "workqueue"}).split() == [
         "workqueue", "False"]
@@ -154,7 +154,7 @@ EVERY_TEAM = """
 import numba, numpy as np, nbbn
 cases = [((8, 32, 32, 32), 1), ((4, 3, 50000), 1), ((512, 600), 1), ((16, 20, 20, 48), -1),
          ((256, 32, 40), 1), ((4, 8, 4, 32, 32), 1), ((4, 6, 8, 10, 64), -1),
-         ((4000, 24), 1), ((7, 9, 9, 5), -1), ((6, 5, 30), 1)]
+         ((8000, 24), 1), ((7, 9, 9, 5), -1), ((6, 5, 30), 1)]
 digests, restored = [], True
 for threads in (1, 2, 3, 4, 8):
     numba.set_num_threads(threads)
