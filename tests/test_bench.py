@@ -61,6 +61,18 @@ def test_cli_half_counts_two_byte_traffic(tmp_path):
         assert case["traffic_bytes"] == TRAFFIC[case["operation"]] * 8 * 3 * 6 * 6 * 2
 
 
+def test_cli_channels_last(tmp_path):
+    """--axis -1: the shapes are channels-last, for every engine (torch's
+    channels_last tensors), said in the heading and the JSON."""
+    path = tmp_path / "bench.json"
+    r = run_cli("--shapes", "4x5x5x3", "--axis", "-1", "--ops", "forward-train", "backward",
+                "--engines", "nbbn", "numpy", "--repeat", "1", "--json", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "channels-last" in r.stdout and "| (4, 5, 5, 3) | backward |" in r.stdout
+    result = json.loads(path.read_text())
+    assert result["axis"] == -1 and [c["shape"] for c in result["cases"]] == [[4, 5, 5, 3]] * 2
+
+
 def test_cli_thread_sweep(tmp_path):
     """--threads 1,2: a table for each count (threading layer and CPUs in the
     heading), the JSON's sweep, the scaling chart and each count's bars."""
@@ -93,7 +105,8 @@ def test_plot(tmp_path):
     (["--threads", "1,100000"], "NUMBA_NUM_THREADS"), (["--repeat", "0"], "--repeat"),
     (["--shapes", "4x"], "shape"), (["--shapes", "7"], "shape"),
     (["--ops", "sideways"], "invalid choice"), (["--dtype", "int8"], "invalid choice"),
-    (["--device", "cuda", "--dtype", "float16"], "float32 or float64")])
+    (["--device", "cuda", "--dtype", "float16"], "float32 or float64"),
+    (["--axis", "2"], "invalid choice"), (["--device", "cuda", "--axis", "-1"], "--axis -1")])
 def test_bad_options_are_refused(args, message):
     r = run_cli(*args)
     assert r.returncode != 0 and message in r.stderr
@@ -133,6 +146,30 @@ def test_engines_compute_batch_norm(engine, shape):
     np.testing.assert_allclose(dx, rdx.ravel(), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dw, rdw, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(db, rdb, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("engine", ["nbbn", "numpy", "torch", "torch-out"])
+@pytest.mark.parametrize("shape", [(4, 5, 5, 3), (6, 7, 4)])
+def test_engines_compute_channels_last_batch_norm(engine, shape):
+    """``axis=-1``: every engine normalizes the last axis (torch through its
+    channels_last tensors) and returns arrays shaped as the input."""
+    x, dy = make_inputs(shape, np.float64)
+    try:
+        e = ENGINES[engine](x, dy, threads=1, axis=-1)
+    except NotImplementedError:
+        pytest.importorskip("torch")
+        if engine == "torch-out" and len(shape) == 3:
+            pytest.skip("torch's native_batch_norm.out miscomputes strided 3-D inputs")
+        raise
+    c, w, b = shape[-1], e.weight, e.bias
+    ref, rm, rv, mean, invstd = naive.batch_norm(x, np.zeros(c), np.ones(c), w, b, True, axis=-1)
+    np.testing.assert_allclose(e.operation("forward-train")(), ref, rtol=1e-9, atol=1e-9)
+    ref_eval = naive.batch_norm(x, rm, rv, w, b, False, axis=-1)[0]
+    np.testing.assert_allclose(e.operation("forward-eval")(), ref_eval, rtol=1e-9, atol=1e-9)
+    dx, dw, db = e.operation("backward")()
+    rdx, rdw, rdb = naive.batch_norm_backward(dy, x, mean, invstd, w, True, axis=-1)
+    for got, want in ((dx, rdx), (dw, rdw), (db, rdb)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -112,7 +112,7 @@ def time_call(fn, repeat):
 
 
 def run(cases=DEFAULT_CASES, dtype=np.float32, engines=DEFAULT_ENGINES, threads=None,
-        repeat=7, progress=None):
+        repeat=7, progress=None, axis=1):
     """Measure ``cases`` ((shape, operation) pairs); return a dict (the JSON).
 
     For each case the engines are timed in rounds, each round one sample of
@@ -122,6 +122,8 @@ def run(cases=DEFAULT_CASES, dtype=np.float32, engines=DEFAULT_ENGINES, threads=
     Engines whose first call takes over ``SLOW_CALL_S`` get 3 samples.
     ``threads`` sets ``numba.set_num_threads`` and ``torch.set_num_threads``
     (default: numba's). ``progress(text)`` is called as the run goes.
+    ``axis``: the channels' axis of every shape (-1: channels-last, which
+    torch takes as its ``channels_last`` tensors).
     """
     import numba
     threads = threads or numba.config.NUMBA_NUM_THREADS
@@ -133,7 +135,7 @@ def run(cases=DEFAULT_CASES, dtype=np.float32, engines=DEFAULT_ENGINES, threads=
     dtype = dtype_named(dtype)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": _machine(threads), "dtype": dtype.name, "repeat": repeat,
-              "cases": []}
+              "axis": axis, "cases": []}
     all_bw = []
     for i, (shape, op) in enumerate(cases):
         say(f"[{i + 1}/{len(cases)}] {'x'.join(map(str, shape))} {op}")
@@ -143,8 +145,8 @@ def run(cases=DEFAULT_CASES, dtype=np.float32, engines=DEFAULT_ENGINES, threads=
             if op not in ENGINES[name].operations:
                 continue
             try:
-                fn = ENGINES[name](x, dy, threads=threads).operation(op)
-            except NotImplementedError:  # torch not installed
+                fn = ENGINES[name](x, dy, threads=threads, axis=axis).operation(op)
+            except NotImplementedError:  # torch not installed, or an input it does not take
                 continue
             loops, first = calibrate(fn)
             timed[name] = (fn, loops, 3 if first > SLOW_CALL_S else repeat, [],
@@ -308,6 +310,8 @@ def format_table(result):
     head = f"nbbn bench, {result['date'][:10]}, {m['threads']} threads, {result['dtype']}"
     if result["dtype"] in ("float16", "bfloat16"):
         head += " inputs (float32 parameters)"
+    if result.get("axis", 1) == -1:
+        head += ", channels-last (channels on the last axis)"
     if "cpus" in m:
         usable = m.get("usable_cpus")
         head += (f", {m['cpus']} CPUs" + (f" ({usable} usable)" if usable not in (None, m["cpus"])
@@ -513,6 +517,9 @@ def add_arguments(parser):
                         help="inputs' dtype; float16 and bfloat16 (extra 'bfloat16') run with "
                              "float32 parameters, as torch's mixed precision, and the roofline "
                              "counts their 2-byte traffic")
+    parser.add_argument("--axis", type=int, choices=(1, -1), default=1,
+                        help="the channels' axis of the shapes: 1, (N, C, ...); -1, "
+                             "channels-last (N, ..., C), torch's channels_last tensors")
     parser.add_argument("--engines", nargs="+", choices=tuple(ENGINES), default=DEFAULT_ENGINES,
                         metavar="ENGINE",
                         help=f"of {', '.join(ENGINES)} (default: all but torch-out, torch "
@@ -546,6 +553,9 @@ def main(args):
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
             raise SystemExit("bench: --plot needs matplotlib: pip install 'nbbn[plot]'")
+    if args.device == "cuda" and args.axis != 1:
+        raise SystemExit("bench: --device cuda has channels-last cases of its own; --axis -1 is "
+                         "for the CPU bench")
     if args.device == "cuda" and args.dtype not in ("float32", "float64"):
         raise SystemExit(f"bench: --device cuda takes float32 or float64, got {args.dtype}")
     dtype_named(args.dtype)  # bfloat16 without ml_dtypes: say so before anything runs
@@ -561,6 +571,8 @@ def main(args):
     else:
         cases = tuple((s, op) for s in (args.shapes or DEFAULT_SHAPES)
                       for op in (args.ops or BASIC_OPS))
+    if args.axis == -1 and args.shapes is None:  # the default shapes, channels last
+        cases = tuple((s[:1] + s[2:] + s[1:2], op) for s, op in cases)
     batches = ((args.pipeline or BATCHES) if args.pipeline is not None
                else BATCHES if cases is DEFAULT_CASES else ())
     if any(b < 2 for b in batches):
@@ -574,7 +586,7 @@ def main(args):
         if threads and len(args.threads) > 1:
             progress(f"{threads} threads")
         result = run(cases, args.dtype, tuple(args.engines), threads, args.repeat,
-                     progress=progress)
+                     progress=progress, axis=args.axis)
         if batches:
             result["pipeline"] = run_pipeline(batches, threads=result["machine"]["threads"],
                                               repeat=args.repeat, progress=progress)

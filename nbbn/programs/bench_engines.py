@@ -69,15 +69,16 @@ def _params(c, dtype):
 
 
 class Engine:
-    """Base: ``operation(name)`` is the bound method for ``name``."""
+    """Base: ``operation(name)`` is the bound method for ``name``; the
+    channels on ``axis`` (1: (N, C, ...); -1: channels-last (N, ..., C))."""
 
     name = ""
     operations = ()
     settle_s = 0.0  # seconds its threads keep the cores busy after a call
 
-    def __init__(self, x, dy, threads=None):
-        self.x, self.dy = x, dy
-        self.channels = x.shape[1]
+    def __init__(self, x, dy, threads=None, axis=1):
+        self.x, self.dy, self.axis = x, dy, axis
+        self.channels = x.shape[axis]
         dtype = _param_dtype(x.dtype)
         self.weight, self.bias = _params(self.channels, dtype)
         self.running_mean = np.zeros(self.channels, dtype)
@@ -96,31 +97,32 @@ class NbbnEngine(Engine):
     name = "nbbn"
     operations = OPERATIONS
 
-    def __init__(self, x, dy, threads=None):
-        super().__init__(x, dy)
+    def __init__(self, x, dy, threads=None, axis=1):
+        super().__init__(x, dy, axis=axis)
         from .. import functional
         self.f = functional
         self.y, self.dx = np.empty_like(x), np.empty_like(x)
         _, self.mean, self.invstd = functional.native_batch_norm(
-            x, None, None, self.weight, self.bias, True, MOMENTUM, EPS)
+            x, None, None, self.weight, self.bias, True, MOMENTUM, EPS, axis=axis)
         self.layer = None
 
     def forward_train(self):
         return self.f.batch_norm(self.x, self.running_mean, self.running_var, self.weight,
-                                 self.bias, True, MOMENTUM, EPS, out=self.y)
+                                 self.bias, True, MOMENTUM, EPS, axis=self.axis, out=self.y)
 
     def forward_eval(self):
         return self.f.batch_norm(self.x, self.running_mean, self.running_var, self.weight,
-                                 self.bias, False, MOMENTUM, EPS, out=self.y)
+                                 self.bias, False, MOMENTUM, EPS, axis=self.axis, out=self.y)
 
     def backward(self):
         return self.f.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.weight,
-                                          True, out=self.dx)
+                                          True, axis=self.axis, out=self.dx)
 
     def relu_step(self):
         if self.layer is None:
             from ..batchnorm import BatchNorm
-            self.layer = BatchNorm(self.channels, dtype=self.x.dtype, activation="relu")
+            self.layer = BatchNorm(self.channels, dtype=self.x.dtype, axis=self.axis,
+                                   activation="relu")
             self.layer.gamma[:], self.layer.beta[:] = self.weight, self.bias
         self.layer(self.x, out=self.y)
         dx = self.layer.backward(self.dy, out=self.dx)
@@ -137,7 +139,7 @@ class NbbnNumpyReluEngine(NbbnEngine):
     def relu_step(self):
         if self.layer is None:
             from ..batchnorm import BatchNorm
-            self.layer = BatchNorm(self.channels, dtype=self.x.dtype)
+            self.layer = BatchNorm(self.channels, dtype=self.x.dtype, axis=self.axis)
             self.layer.gamma[:], self.layer.beta[:] = self.weight, self.bias
         a = np.maximum(self.layer(self.x, out=self.y), 0)
         dx = self.layer.backward(self.dy * (a > 0), out=self.dx)
@@ -152,11 +154,12 @@ class NumpyEngine(Engine):
     name = "numpy"
     operations = ("forward-train", "forward-eval", "backward")
 
-    def __init__(self, x, dy, threads=None):
-        super().__init__(x, dy)
+    def __init__(self, x, dy, threads=None, axis=1):
+        super().__init__(x, dy, axis=axis)
         self.acc = _param_dtype(x.dtype)
-        self.axes = (0,) + tuple(range(2, x.ndim))
-        self.bshape = (1, -1) + (1,) * (x.ndim - 2)
+        channel_axis = axis % x.ndim
+        self.axes = tuple(i for i in range(x.ndim) if i != channel_axis)
+        self.bshape = tuple(-1 if i == channel_axis else 1 for i in range(x.ndim))
         self.count = x.size // self.channels
         self.weight = self.weight.reshape(self.bshape)
         self.bias = self.bias.reshape(self.bshape)
@@ -216,31 +219,41 @@ class TorchEngine(Engine):
     """PyTorch as its users call it: ``torch.nn.functional.batch_norm`` for
     the forwards, the aten kernel autograd runs for the backward
     (``native_batch_norm_backward``), each allocating its outputs; the ReLU
-    step is ``relu(batch_norm(x))`` with autograd. Raises NotImplementedError
-    when torch is not installed (asv then skips the parameter)."""
+    step is ``relu(batch_norm(x))`` with autograd. Channels-last arrays are
+    torch's ``channels_last`` tensors (the same memory, channels moved to
+    dimension 1). Raises NotImplementedError when torch is not installed
+    (asv then skips the parameter)."""
 
     name = "torch"
     operations = OPERATIONS
     settle_s = TORCH_SETTLE_S
 
-    def __init__(self, x, dy, threads=None):
+    def __init__(self, x, dy, threads=None, axis=1):
         try:
             import torch
         except ImportError:
             raise NotImplementedError("torch is not installed") from None
-        super().__init__(x, dy)
+        super().__init__(x, dy, axis=axis)
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
         t = _tensor
-        self.tx, self.tdy = t(x), t(dy)
+        self.tx, self.tdy = self._torch_layout(t(x)), self._torch_layout(t(dy))
         self.tw, self.tb = t(self.weight), t(self.bias)
         self.trm, self.trv = t(self.running_mean), t(self.running_var)
         _, self.save_mean, self.save_invstd = torch.native_batch_norm(
             self.tx, self.tw, self.tb, None, None, True, MOMENTUM, EPS)
 
+    def _torch_layout(self, t):
+        """An input of ours as torch takes it: channels on dimension 1."""
+        return t if self.axis == 1 else t.movedim(-1, 1)
+
+    def _ours(self, t):
+        """A torch output shaped as our input (channels back on ``axis``)."""
+        return _array(t if self.axis == 1 else t.movedim(1, -1))
+
     def _forward(self, training):
-        return _array(self.torch.nn.functional.batch_norm(
+        return self._ours(self.torch.nn.functional.batch_norm(
             self.tx, self.trm, self.trv, self.tw, self.tb, training, MOMENTUM, EPS))
 
     def forward_train(self):
@@ -253,7 +266,7 @@ class TorchEngine(Engine):
         out = self.torch.ops.aten.native_batch_norm_backward(
             self.tdy, self.tx, self.tw, self.trm, self.trv, self.save_mean, self.save_invstd,
             True, EPS, [True, True, True])
-        return tuple(_array(v) for v in out)
+        return (self._ours(out[0]),) + tuple(_array(v) for v in out[1:])
 
     def relu_step(self):
         torch = self.torch
@@ -263,7 +276,7 @@ class TorchEngine(Engine):
         y = torch.relu(torch.nn.functional.batch_norm(x, self.trm, self.trv, w, b, True,
                                                       MOMENTUM, EPS))
         y.backward(self.tdy)
-        return _array(x.grad), _array(w.grad), _array(b.grad)
+        return self._ours(x.grad), _array(w.grad), _array(b.grad)
 
 
 class TorchOutEngine(TorchEngine):
@@ -274,20 +287,24 @@ class TorchOutEngine(TorchEngine):
     name = "torch-out"
     operations = ("forward-train", "forward-eval", "backward")
 
-    def __init__(self, x, dy, threads=None):
-        super().__init__(x, dy, threads)
+    def __init__(self, x, dy, threads=None, axis=1):
+        super().__init__(x, dy, threads, axis)
         torch = self.torch
+        if not (self.tx.is_contiguous() or self.tx.dim() in (4, 5)):
+            # A 3-D channels-last input is a strided tensor in no memory format of
+            # torch's, and native_batch_norm.out normalizes it wrongly (torch 2.13).
+            raise NotImplementedError("torch-out takes no 3-D channels-last input")
         self.y, self.dx = torch.empty_like(self.tx), torch.empty_like(self.tx)
         self.dw, self.db = torch.empty_like(self.tw), torch.empty_like(self.tw)
         self.unused = (torch.empty_like(self.tw), torch.empty_like(self.tw))
 
     def forward_train(self):
-        return _array(self.torch.ops.aten.native_batch_norm.out(
+        return self._ours(self.torch.ops.aten.native_batch_norm.out(
             self.tx, self.tw, self.tb, self.trm, self.trv, True, MOMENTUM, EPS, out=self.y,
             save_mean=self.unused[0], save_invstd=self.unused[1])[0])
 
     def forward_eval(self):
-        return _array(self.torch.ops.aten.native_batch_norm.out(
+        return self._ours(self.torch.ops.aten.native_batch_norm.out(
             self.tx, self.tw, self.tb, self.trm, self.trv, False, MOMENTUM, EPS, out=self.y,
             save_mean=self.unused[0], save_invstd=self.unused[1])[0])
 
@@ -295,7 +312,7 @@ class TorchOutEngine(TorchEngine):
         out = self.torch.ops.aten.native_batch_norm_backward.out(
             self.tdy, self.tx, self.tw, self.trm, self.trv, self.save_mean, self.save_invstd,
             True, EPS, [True, True, True], out0=self.dx, out1=self.dw, out2=self.db)
-        return tuple(_array(v) for v in out)
+        return (self._ours(out[0]),) + tuple(_array(v) for v in out[1:])
 
 
 #: name -> engine class, in the order tables show them.
