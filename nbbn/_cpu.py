@@ -145,22 +145,23 @@ class CPU:
     # --- a whole forward or backward ----------------------------------------------
     @staticmethod
     def train(x, axis, running_mean, running_var, factor, weight, bias, eps, relu, out):
-        """Training forward into ``out``: ``(mean, var, invstd, updated)``."""
+        """Training forward into ``out``: ``(mean, invstd, updated)``."""
         rm, rv = _wide(running_mean), _wide(running_var)
         result = engine.train(kernel_view(x), engine.layout_of(x.shape, axis, x.itemsize), rm,
                               rv, factor, _wide(weight), _wide(bias), eps, relu,
                               kernel_view(out))
-        _write_back(running_mean, rm, result[3])
-        _write_back(running_var, rv, result[3])
+        _write_back(running_mean, rm, result[2])
+        _write_back(running_var, rv, result[2])
         return result
 
     @staticmethod
-    def evaluate(x, axis, mean, var, weight, bias, eps, relu, out):
+    def evaluate(x, axis, mean, var, weight, bias, eps, relu, out, want_mean=True):
         """Forward with the given statistics into ``out``: ``(mean, invstd)``,
-        those it normalized with, float64."""
-        return check.channel_vector(mean, "mean", mean.shape[0]), engine.evaluate(
-            kernel_view(x), engine.layout_of(x.shape, axis, x.itemsize), _wide(mean),
-            _wide(var), _wide(weight), _wide(bias), eps, relu, kernel_view(out))
+        those it normalized with, float64 (``mean`` None unless ``want_mean``)."""
+        invstd = engine.evaluate(kernel_view(x), engine.layout_of(x.shape, axis, x.itemsize),
+                                 _wide(mean), _wide(var), _wide(weight), _wide(bias), eps, relu,
+                                 kernel_view(out))
+        return (check.channel_vector(mean, "mean", mean.shape[0]) if want_mean else None), invstd
 
     @staticmethod
     def backward(dy, x, axis, mask, mean, invstd, weight, training, out):

@@ -375,7 +375,7 @@ def grad_input(dy, x, layout, a, b, c, mean, out, *, mask=None):
 # --- a whole forward or backward in one call -------------------------------------
 
 def train(x, layout, running_mean, running_var, factor, weight, bias, eps, relu, out):
-    """Training forward into ``out``: ``(mean, var, invstd, updated)``, float64
+    """Training forward into ``out``: ``(mean, invstd, updated)``, float64
     batch statistics; the running statistics (None, or updated in place unless
     the batch's are not finite) move by ``factor``."""
     v, o, crew = x.reshape(layout.view), out.reshape(layout.view), _crew(layout, FORWARD_GRAIN)

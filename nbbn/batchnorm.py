@@ -418,7 +418,7 @@ class BatchNorm:
             xg, og = (x, out) if part is None else (x[part], out[part])
         tracking = self.running_mean is not None
         if not synced and self._correction is None and self._recorder is None:
-            mean, _, invstd, updated = b.train(
+            mean, invstd, updated = b.train(
                 xg, self.axis, self.running_mean, self.running_var, self._factor(), self.gamma,
                 self.beta, self.eps, relu, og)
             self._count(tracking, updated)

@@ -114,10 +114,10 @@ def _forward(x, running_mean, running_var, weight, bias, training, momentum, eps
         return out, undefined, undefined
     if not training:
         mean, invstd = backend.evaluate(x, axis, running_mean, running_var, weight, bias, eps,
-                                        relu, out)
+                                        relu, out, want_mean)
         return out, mean if want_mean else None, invstd
-    mean, _, invstd, updated = backend.train(x, axis, running_mean, running_var, momentum,
-                                             weight, bias, eps, relu, out)
+    mean, invstd, updated = backend.train(x, axis, running_mean, running_var, momentum, weight,
+                                          bias, eps, relu, out)
     if running_mean is not None and updated is not None and not updated:
         warn_not_finite(3)
     return out, mean, invstd

@@ -641,7 +641,7 @@ def plane_train(x, chunk, counts, running_mean, running_var, factor, weight, bia
                 by_channel, stream, out):
     """Training forward of (N, C, M) ``x``: batch statistics, running update
     (unless ``running_mean`` is None, or the statistics are not finite),
-    ``out``. Returns ``(mean, var, invstd, updated)``. ``by_channel``: one
+    ``out``. Returns ``(mean, invstd, updated)``. ``by_channel``: one
     task per channel, its statistics and output together (one parallel region)."""
     channels = x.shape[1]
     if by_channel:
@@ -655,7 +655,7 @@ def plane_train(x, chunk, counts, running_mean, running_var, factor, weight, bia
         invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
         _plane_normalize_pass(x, mean, scale, shift, bias, chunk, relu, stream, out)
     updated = _track(running_mean, running_var, mean, var, counts.sum(), factor)
-    return mean, var, invstd, updated
+    return mean, invstd, updated
 
 
 @njit(parallel=True, cache=True)
@@ -667,7 +667,7 @@ def row_train(x, parts, channels, inner, counts, blocks, running_mean, running_v
     invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
     _row_normalize_pass(x, mean, scale, shift, bias, channels, inner, relu, out)
     updated = _track(running_mean, running_var, mean, var, counts.sum(), factor)
-    return mean, var, invstd, updated
+    return mean, invstd, updated
 
 
 @njit(parallel=True, cache=True)

@@ -97,14 +97,14 @@ def test_the_task_split_does_not_change_the_bits(shape, axis):
         if layout.planes:
             stats = k.plane_train(v, layout.chunk, layout.counts, None, None, 0.1, None,
                                   None, 1e-5, False, split, False, out)
-            grads = k.plane_backward(g, v, None, stats[0], stats[2], None, True,
+            grads = k.plane_backward(g, v, None, stats[0], stats[1], None, True,
                                      layout.chunk, float(count), split, False, dx)
         else:
             stats = k.row_train(v, rpc, c, inner, layout.counts, split, None, None, 0.1, None,
                                 None, 1e-5, False, out)
-            grads = k.row_backward(g, v, None, stats[0], stats[2], None, True, rpc, c, inner,
+            grads = k.row_backward(g, v, None, stats[0], stats[1], None, True, rpc, c, inner,
                                    split, float(count), dx)
-        results.append((out, dx) + tuple(stats[:3]) + tuple(grads))
+        results.append((out, dx) + tuple(stats[:2]) + tuple(grads))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)

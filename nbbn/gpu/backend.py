@@ -566,7 +566,7 @@ class GPU:
     # --- a whole forward or backward ----------------------------------------------
     @staticmethod
     def train(x, axis, running_mean, running_var, factor, weight, bias, eps, relu, out):
-        """Training forward into ``out``: ``(mean, var, invstd, updated)``.
+        """Training forward into ``out``: ``(mean, invstd, updated)``.
         ``updated`` is None where the device counted it (device running
         statistics), a bool where NumPy running statistics were copied back."""
         ws = workspace(tuple(x.shape), axis)
@@ -595,12 +595,13 @@ class GPU:
             running_mean[...], running_var[...] = staged.copy_to_host()
         elif counter is not None:
             counter.record(None, "running statistics")
-        return mean, var, invstd, updated if track else False
+        return mean, invstd, updated if track else False
 
     @staticmethod
-    def evaluate(x, axis, mean, var, weight, bias, eps, relu, out):
+    def evaluate(x, axis, mean, var, weight, bias, eps, relu, out, want_mean=True):
         """Forward with the given statistics into ``out``: ``(mean, invstd)``,
-        those it normalized with, float64."""
+        those it normalized with, float64 (the mean comes with the
+        coefficients: ``want_mean`` changes nothing here)."""
         ws = workspace(tuple(x.shape), axis)
         plan = ws.plan
         if not is_device_array(mean):
