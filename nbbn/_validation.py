@@ -3,6 +3,7 @@ can take (native byte order, C-contiguous, writable) or raises a clear
 TypeError/ValueError before anything is changed."""
 import math
 import numbers
+import warnings
 
 import numpy as np
 
@@ -283,3 +284,12 @@ def saved_output(y, x, relu, like):
     if y is None:
         raise ValueError("activation='relu' needs y, the output of the forward pass")
     return like(y, x, "y")
+
+
+def warn_not_finite(stacklevel, what="running statistics", batches=None):
+    """Say that a batch with NaN or Inf left the running statistics as they
+    were; ``batches``: so many, found when the GPU was read (docs/gpu.md)."""
+    found = "" if batches is None else (f" in {batches} batch{'es' if batches > 1 else ''} "
+                                        "since the GPU was last read")
+    warnings.warn(f"batch statistics are not finite (NaN or Inf in the input){found}: {what} "
+                  "were not updated", RuntimeWarning, stacklevel=stacklevel + 1)

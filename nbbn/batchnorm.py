@@ -4,9 +4,9 @@ names and ``state_dict``):
 
 * where the training statistics come from: the batch, ghost groups of it
   (``virtual_batch_size``), or all ranks of an MPI communicator (``comm``,
-  :mod:`nbbn.sync`);
+  :class:`nbbn.parts.Collective`);
 * a correction of the normalization: none, or Batch Renormalization's r and
-  d (:mod:`nbbn.renorm`);
+  d (:class:`nbbn.parts.Renorm`);
 * the fused activation (``activation='relu'``);
 * the backend, chosen when the layer is built or moved by :meth:`BatchNorm.to`:
   the CPU kernels or the ``numba.cuda`` ones. The layer never branches on
@@ -30,14 +30,12 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 from . import _validation as check
 from ._cpu import BACKEND as CPU
 from ._types import Activation, Array, ArrayIn, ArrayOut, Axis, Comm, Device
-from .functional import warn_not_finite
+from .parts import Collective, Renorm
 
 if sys.version_info >= (3, 11):
     from typing import Self
 elif TYPE_CHECKING:
     from typing_extensions import Self
-if TYPE_CHECKING:
-    from .renorm import Renorm
 
 __all__ = ["BatchNorm"]
 
@@ -155,7 +153,7 @@ class BatchNorm:
     running_var: Array | None = _channel_array(
         "running_var", "track_running_stats",
         "The running variance (C,), or None without running statistics.")
-    #: Batch Renormalization's part (:class:`nbbn.renorm.Renorm`), or None.
+    #: Batch Renormalization's part (:class:`nbbn.parts.Renorm`), or None.
     _correction: Renorm | None = None
     _show_comm = True  # in the repr (SyncBatchNorm's name says it)
 
@@ -177,7 +175,6 @@ class BatchNorm:
         self.virtual_batch_size: int | None = check.virtual_batch_size(virtual_batch_size)
         self._collective = None
         if comm is not None:
-            from .sync import Collective
             self._collective = Collective(comm)
         self.affine: bool = bool(affine)
         self.bias: bool = bool(bias) and self.affine
@@ -447,7 +444,7 @@ class BatchNorm:
     def _count(self, tracking, updated):
         what = "moving statistics" if self._correction is not None else "running statistics"
         if tracking and not self._tracked.record(updated, what):
-            warn_not_finite(4, what)
+            check.warn_not_finite(4, what)
 
     # --- backward ---------------------------------------------------------------
     def backward(self, dy: ArrayIn, out: ArrayOut | None = None) -> Array:

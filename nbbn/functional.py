@@ -4,7 +4,6 @@ CPU; device arrays (``__cuda_array_interface__``) on the GPU backend, which
 is imported only then."""
 from __future__ import annotations
 
-import warnings
 import numpy as np
 
 from . import _validation as check
@@ -119,17 +118,8 @@ def _forward(x, running_mean, running_var, weight, bias, training, momentum, eps
     mean, invstd, updated = backend.train(x, axis, running_mean, running_var, momentum, weight,
                                           bias, eps, relu, out)
     if running_mean is not None and updated is not None and not updated:
-        warn_not_finite(3)
+        check.warn_not_finite(3)
     return out, mean, invstd
-
-
-def warn_not_finite(stacklevel, what="running statistics", batches=None):
-    """Say that a batch with NaN or Inf left the running statistics as they
-    were; ``batches``: so many, found when the GPU was read (docs/gpu.md)."""
-    found = "" if batches is None else (f" in {batches} batch{'es' if batches > 1 else ''} "
-                                        "since the GPU was last read")
-    warnings.warn(f"batch statistics are not finite (NaN or Inf in the input){found}: {what} "
-                  "were not updated", RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def batch_norm_backward(dy: ArrayIn, x: ArrayIn, mean: ArrayIn, invstd: ArrayIn,

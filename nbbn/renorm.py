@@ -1,5 +1,5 @@
-"""Batch Renormalization (Ioffe 2017, arXiv:1702.03275): a correction part of
-the :class:`~nbbn.BatchNorm` template, and the layer that uses it."""
+"""Batch Renormalization (Ioffe 2017, arXiv:1702.03275): the layer whose
+correction part is :class:`nbbn.parts.Renorm`."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,26 +8,9 @@ from numpy.typing import DTypeLike, NDArray
 from . import _validation as check
 from .batchnorm import BatchNorm
 from ._types import Activation, Axis, Comm, Device
+from .parts import Renorm
 
 __all__ = ["BatchRenorm"]
-
-
-class Renorm:
-    """Batch Renormalization's correction: between the batch statistics and
-    the normalization, ``r`` and ``d`` from the moving statistics; the moving
-    update of the paper; ``r`` and ``d`` constants in the backward."""
-
-    def __init__(self, rmax, dmax):
-        self.rmax = check.renorm_limit(rmax, "rmax", 1.0)
-        self.dmax = check.renorm_limit(dmax, "dmax", 0.0)
-
-    def correct(self, backend, mean, var, running_mean, running_var, gamma, beta, eps, factor):
-        """``(weight, bias, (r, d), updated)``: normalizing with this weight
-        and bias gives ``gamma * (x_hat * r + d) + beta``; the moving
-        statistics move unless the batch's are not finite."""
-        w, b, r, d, updated = backend.renorm(mean, var, running_mean, running_var, gamma, beta,
-                                             self.rmax, self.dmax, eps, factor)
-        return w, b, (r, d), updated
 
 
 class BatchRenorm(BatchNorm):

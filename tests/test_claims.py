@@ -16,7 +16,8 @@ import nbbn
 from naive import numeric_gradient
 from nbbn.programs import claims_experiments as ce
 from nbbn.programs.claims import (FULL, TINY, ClaimResult, Comparison, format_details,
-                                  format_verdicts, run_claims, verdict)
+                                  format_verdicts, verdict)
+from nbbn.programs.claims_experiments import run_claims
 from nbbn.programs.mlp import MLP, Dropout, Linear, cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,6 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _validation as check
-from ..functional import warn_not_finite
 
 #: Threads of every block (results do not depend on it).
 THREADS_PER_BLOCK = 256
@@ -449,7 +448,8 @@ class Counter:
             updates, skipped = (int(v) for v in self.counts.copy_to_host())
             self._value = updates
             if skipped > self._skipped:
-                warn_not_finite(3, self._what, skipped - self._skipped)  # (the reader's caller)
+                # stacklevel 3: the reader's caller
+                check.warn_not_finite(3, self._what, skipped - self._skipped)
             self._skipped = skipped
         return self._value
 

@@ -10,11 +10,10 @@ its spread, the sample standard deviation of ``d`` over the seeds. A claim *hold
 every setting is won, *does not hold* when none is, and is *mixed* otherwise.
 """
 import dataclasses
-import time
 
 import numpy as np
 
-__all__ = ["Comparison", "ClaimResult", "Config", "FULL", "TINY", "verdict", "run_claims",
+__all__ = ["Comparison", "ClaimResult", "Config", "FULL", "TINY", "verdict",
            "format_verdicts", "format_details"]
 
 HOLDS, FAILS, MIXED = "holds", "does not hold", "mixed"
@@ -166,34 +165,6 @@ TINY = Config(seeds=(0, 1), hidden=(16, 8), steps=20, eval_every=5, speed_lrs=(0
               regularizer_steps=20, regularizer_batch=16, batch_sizes=(4, 16),
               small_batch_epochs=1, mismatch=((1.0, 16),), mismatch_eval_every=10,
               cnn_channels=(4, 8), cnn_steps=10, cnn_eval_every=5)
-
-
-def run_claims(names, config=FULL, log=print):
-    """Run the named claims' experiments in order.
-
-    Parameters
-    ----------
-    names : sequence of str
-        Keys of :data:`nbbn.programs.claims_experiments.CLAIMS`.
-    config : Config
-        The sizes.
-    log : callable
-        Receives one progress line per finished claim.
-
-    Returns
-    -------
-    list of ClaimResult
-    """
-    from .claims_experiments import CLAIMS, Runner
-    runner = Runner(config)
-    results = []
-    for name in names:
-        t0 = time.perf_counter()
-        result = CLAIMS[name][1](runner)
-        result.seconds = time.perf_counter() - t0
-        results.append(result)
-        log(f"  {name}: {result.verdict} ({result.seconds:.1f} s)")
-    return results
 
 
 def _arm_cell(value, arm, default):

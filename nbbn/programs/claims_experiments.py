@@ -5,16 +5,18 @@ order. Every network is trained by :func:`nbbn.programs.mlp.fit` on scikit-learn
 the same initial weights; :class:`Runner` trains each configuration once and shares it
 between claims.
 """
+import time
+
 import numpy as np
 
 import nbbn
 
-from .claims import ClaimResult, Comparison
+from .claims import FULL, ClaimResult, Comparison
 from .cnn import CNN
-from .demo import load_digits_split
+from .digits import load_digits_split
 from .mlp import MLP, accuracy, fit
 
-__all__ = ["CLAIMS", "Runner", "batch_stats_accuracy"]
+__all__ = ["CLAIMS", "Runner", "batch_stats_accuracy", "run_claims"]
 
 PLAIN, BN = "plain", "BatchNorm"
 
@@ -405,3 +407,30 @@ CLAIMS = {
     "cnn-lr": ("batch norm trains at higher learning rates (CNN)",
                lambda runner: learning_rates(runner, "cnn")),
 }
+
+
+def run_claims(names, config=FULL, log=print):
+    """Run the named claims' experiments in order.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Keys of :data:`CLAIMS`.
+    config : Config
+        The sizes.
+    log : callable
+        Receives one progress line per finished claim.
+
+    Returns
+    -------
+    list of ClaimResult
+    """
+    runner = Runner(config)
+    results = []
+    for name in names:
+        t0 = time.perf_counter()
+        result = CLAIMS[name][1](runner)
+        result.seconds = time.perf_counter() - t0
+        results.append(result)
+        log(f"  {name}: {result.verdict} ({result.seconds:.1f} s)")
+    return results

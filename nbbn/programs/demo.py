@@ -13,33 +13,13 @@ import time
 
 import numpy as np
 
+from .digits import load_digits_split
 from .mlp import MLP, fit
 
-__all__ = ["load_digits_split", "train", "run", "plot", "format_table", "add_arguments",
-           "main"]
+__all__ = ["train", "run", "plot", "format_table", "add_arguments", "main"]
 
 #: Test accuracy the "steps to reach" column counts up to.
 TARGET = 0.9
-
-
-def load_digits_split(seed=0, test_fraction=0.25, dtype=np.float32):
-    """The 1797 8x8 digits of ``sklearn.datasets.load_digits`` (bundled, no download),
-    pixels scaled to [0, 1], shuffled with ``seed`` and split into train and test.
-
-    Returns
-    -------
-    x_train, y_train, x_test, y_test : ndarray
-    """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise RuntimeError("the demo needs scikit-learn: pip install 'nbbn[demo]'") from e
-    data = load_digits()
-    x, y = (data.data / 16.0).astype(dtype), data.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(y))
-    n_test = int(round(test_fraction * len(y)))
-    test, tr = order[:n_test], order[n_test:]
-    return x[tr], y[tr], x[test], y[test]
 
 
 def train(data, *, batch_norm, lr, steps=500, batch_size=64, hidden=(128, 64), seed=0,
@@ -244,8 +224,8 @@ def _main_claims(args):
     """``--claims`` / ``--claim NAME``: run the experiments, print the tables, plot."""
     import dataclasses
 
-    from .claims import FULL, TINY, format_details, format_verdicts, run_claims
-    from .claims_experiments import CLAIMS
+    from .claims import FULL, TINY, format_details, format_verdicts
+    from .claims_experiments import CLAIMS, run_claims
     names = [n for n in CLAIMS if n in (args.claim or CLAIMS)]
     config = TINY if args.tiny else FULL
     if args.seeds is not None:
