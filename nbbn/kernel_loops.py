@@ -492,11 +492,11 @@ def _gradient(dy, mask, j):
 
 
 @njit(cache=True)
-def _grad_input_rows(dy, x, mask, a, b, c, mean, r0, r1, out):
-    """:func:`_grad_input_plain` of rows ``r0:r1`` of (R, W) arrays, with
-    per-column coefficients, four rows per visit of them (a row at a time,
-    their loads bound the loop: four took 0.71 of the time at (128, 1024)
-    float32, measured); the same arithmetic, so the same bits."""
+def _grad_input_rows(dy, x, mask, a, b, c, mean, r0, r1, lo, hi, out):
+    """:func:`_grad_input_plain` of rows ``r0:r1``, columns ``lo:hi``, of (R, W)
+    arrays, with per-column coefficients, four rows per visit of them (a row
+    at a time, their loads bound the loop: four took 0.71 of the time at
+    (128, 1024) float32, measured); the same arithmetic, so the same bits."""
     w = a.shape[0]
     r = r0
     while r + 4 <= r1:
@@ -505,7 +505,9 @@ def _grad_input_rows(dy, x, mask, a, b, c, mean, r0, r1, out):
         ma, mb = row(mask, r, 0, w), row(mask, r + 1, 0, w)
         mc, md = row(mask, r + 2, 0, w), row(mask, r + 3, 0, w)
         oa, ob, oc, od = out[r], out[r + 1], out[r + 2], out[r + 3]
-        for j in range(w):
+        # An unsigned index (as _run_bounds's): numba tests a signed one for
+        # wraparound, which kept LLVM from vectorizing this loop.
+        for j in range(np.uintp(lo), np.uintp(hi)):
             aj, bj, cj, mj = a[j], b[j], c[j], mean[j]
             store(oa, j, _gradient(da, ma, j) * aj + (load(xa, j) - mj) * bj + cj)
             store(ob, j, _gradient(db, mb, j) * aj + (load(xb, j) - mj) * bj + cj)
@@ -513,7 +515,8 @@ def _grad_input_rows(dy, x, mask, a, b, c, mean, r0, r1, out):
             store(od, j, _gradient(dd, md, j) * aj + (load(xd, j) - mj) * bj + cj)
         r += 4
     for k in range(r, r1):
-        _grad_input_plain(dy[k], x[k], row(mask, k, 0, w), a, b, c, mean, out[k])
+        _grad_input_plain(dy[k, lo:hi], x[k, lo:hi], row(mask, k, lo, hi), a[lo:hi],
+                          b[lo:hi], c[lo:hi], mean[lo:hi], out[k, lo:hi])
 
 
 @njit(cache=True)

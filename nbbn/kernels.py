@@ -365,6 +365,25 @@ def _rows_by_runs(x, inner, shortest=RUN_MIN):
     return inner >= shortest and x.shape[1] >= RUN_WIDTH
 
 
+#: Values of a task of the rows layout's input gradient (four rows) at most,
+#: where its rows are longer: their columns are then cut into blocks, so that
+#: an input of a few long rows still gives each thread of a team (32768 values
+#: a thread at least) two tasks. Each value's arithmetic is the same whatever
+#: the block, so the bits are too.
+ROW_TASK = 1 << 14
+
+
+@njit(inline="always")
+def _column_blocks(x, rows):
+    """``(blocks, span)``: the columns of ``rows`` rows of ``x`` (R, W) cut
+    into ``blocks`` of ``span`` columns (the last may be shorter; a multiple
+    of 16: whole vectors) for at most ``ROW_TASK`` values a task, or one block."""
+    w = x.shape[1]
+    span = -(-w // max(1, -(-rows * w // ROW_TASK)))
+    span = -(-span // 16) * 16
+    return -(-w // span), span
+
+
 @njit(inline="always")
 def _run_tasks(x, inner):
     """``(runs, per_task, tasks)``: runs a row of ``x`` (R, W), runs a task,
@@ -523,9 +542,11 @@ def _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, out):
         w = x.shape[1]
         ea, eb = _expand(a, channels, inner, w), _expand(b, channels, inner, w)
         ec, em = _expand(c, channels, inner, w), _expand(mean, channels, inner, w)
-        for t in prange((x.shape[0] + 3) // 4):
-            _grad_input_rows(dy, x, mask, ea, eb, ec, em, 4 * t, min(4 * t + 4, x.shape[0]),
-                             out)
+        blocks, span = _column_blocks(x, 4)
+        for t in prange((x.shape[0] + 3) // 4 * blocks):
+            r, lo = t // blocks * 4, t % blocks * span
+            _grad_input_rows(dy, x, mask, ea, eb, ec, em, r, min(r + 4, x.shape[0]), lo,
+                             min(lo + span, w), out)
 
 
 @njit(cache=True)

@@ -24,13 +24,15 @@ F16 = np.dtype(np.float16)
 HALVES = [pytest.param(F16, id="float16"),
           pytest.param(BF16, id="bfloat16",
                        marks=pytest.mark.skipif(BF16 is None, reason="needs ml_dtypes"))]
-#: (shape, axis): serial planes, rows by channel runs, (N, C), channels-last; the
+#: (shape, axis): serial planes, rows by channel runs, (N, C) (with rows long
+#: enough for the input gradient's blocks of columns), channels-last; the
 #: last two are over nbbn's serial limit (2 * FORWARD_GRAIN elements for a forward), so the
 #: parallel kernels run:
 #: planes with a task per channel, rows split into channel blocks. bfloat16 takes the
 #: serial ones only: the kernels' code is the same for both types but for the element
 #: conversions (tests/test_half.py), and each parallel kernel is seconds of compiling.
 SHAPES = {"planes": ((3, 4, 32, 40), 1), "rows-runs": ((2, 64, 7, 7), 1), "NC": ((33, 6), 1),
+          "NC-wide": ((9, 5000), 1),
           "channels-last": ((2, 5, 6, 3), -1), "planes-parallel": ((8, 16, 16, 72), 1),
           "rows-parallel": ((16384, 12), 1)}
 CASES = [pytest.param(*dt.values, *shape, id=f"{dt.id}-{name}", marks=dt.marks)
