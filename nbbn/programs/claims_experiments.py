@@ -3,7 +3,7 @@ returning a :class:`nbbn.programs.claims.ClaimResult`. :data:`CLAIMS` lists them
 order. Every network is trained by :func:`nbbn.programs.mlp.fit` on scikit-learn's digits
 (split, initial weights and batch order from the seed), with and without batch norm from
 the same initial weights; :class:`Runner` trains each configuration once and shares it
-between claims.
+between claims, and :func:`run_claims` runs the claims asked for.
 """
 import time
 
