@@ -328,6 +328,25 @@ def _normalize_row_half(x, a, b, coef, ok, relu, out):
 _normalize_row = by_element(_normalize_row_floats, _normalize_row_half)
 
 
+@njit(inline="always")
+def _normalize_columns_floats(x, a, b, coef, ok, relu, r, lo, hi, out):
+    _axpb(x[r, lo:hi], a[lo:hi], b[lo:hi], relu, out[r, lo:hi])
+
+
+@njit(inline="always")
+def _normalize_columns_half(x, a, b, coef, ok, relu, r, lo, hi, out):
+    if ok:
+        _normalize_half(x[r, lo:hi], coef[0][lo:hi], coef[1][lo:hi], coef[2][lo:hi],
+                        coef[3][lo:hi], coef[4][lo:hi], relu, out[r, lo:hi])
+    else:
+        _axpb(x[r, lo:hi], a[lo:hi], b[lo:hi], relu, out[r, lo:hi])
+
+
+#: :func:`_normalize_row` of columns ``lo:hi`` of row ``r`` of (R, W) arrays,
+#: the coefficients being those of a whole row.
+_normalize_columns = by_element(_normalize_columns_floats, _normalize_columns_half)
+
+
 @njit(cache=True)
 def _grad_input_plain(dy, x, mask, a, b, c, mean, out):
     if mask is None:

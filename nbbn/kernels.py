@@ -10,10 +10,11 @@ Two memory layouts cover every input (see ``nbbn._engine.layout_of``):
   (``parts`` chunks of nearly equal sizes) and block of channels, with
   per-column partial states folded to per-channel states inside the task.
 
-Outputs are written by chunk of a plane, or by row with per-column
-coefficients; where a row's channels are runs of several values (rows of
-``(N, C, M)`` inputs, short planes) by *channel runs*, each run with its
-channel's scalar coefficients (see ``RUN_WIDTH``).
+Outputs are written by chunk of a plane, or by row (a block of columns of a
+long one, see ``ROW_TASK``) with per-column coefficients; where a row's
+channels are runs of several values (rows of ``(N, C, M)`` inputs, short
+planes) by *channel runs*, each run with its channel's scalar coefficients
+(see ``RUN_WIDTH``).
 
 The chunks whose partial states are merged are fixed by the shape, never by
 the thread count, and merged serially in order; what a team of threads may
@@ -39,7 +40,8 @@ from ._jit import at, by_element, plane_rows, row, serial_twin, span, tail
 from .kernel_loops import (_add_grad_columns, _affine_plain, _affine_runs, _affine_span,
                            _column_moments, _expand, _expand_rows, _fold_columns, _fold_tiles,
                            _grad_dot, _grad_input_rows, _grad_input_runs, _grad_input_span,
-                           _normalize_row, _normalize_runs, _normalize_span, _span_moments)
+                           _normalize_columns, _normalize_row, _normalize_runs, _normalize_span,
+                           _span_moments)
 
 
 # --- per channel -------------------------------------------------------------
@@ -365,11 +367,11 @@ def _rows_by_runs(x, inner, shortest=RUN_MIN):
     return inner >= shortest and x.shape[1] >= RUN_WIDTH
 
 
-#: Values of a task of the rows layout's input gradient (four rows) at most,
-#: where its rows are longer: their columns are then cut into blocks, so that
-#: an input of a few long rows still gives each thread of a team (32768 values
-#: a thread at least) two tasks. Each value's arithmetic is the same whatever
-#: the block, so the bits are too.
+#: Values of a task of the rows layout's output passes at most (a row of the
+#: forward, four rows of the input gradient), where its rows are longer: their
+#: columns are then cut into blocks, so that an input of a few long rows still
+#: gives each thread of a team (32768 values a thread at least) two tasks.
+#: Each value's arithmetic is the same whatever the block, so the bits are too.
 ROW_TASK = 1 << 14
 
 
@@ -421,8 +423,16 @@ def _row_affine_pass(x, scale, shift, channels, inner, relu, mask, out):
     else:
         w = x.shape[1]
         a, b = _expand(scale, channels, inner, w), _expand(shift, channels, inner, w)
-        for r in prange(x.shape[0]):
-            _affine_plain(x[r], a, b, relu, row(mask, r, 0, w), out[r])
+        blocks, span = _column_blocks(x, 1)
+        if blocks == 1:  # a task a row (no views: see _row_coefficients)
+            for r in prange(x.shape[0]):
+                _affine_plain(x[r], a, b, relu, row(mask, r, 0, w), out[r])
+        else:
+            for t in prange(x.shape[0] * blocks):
+                r, lo = t // blocks, t % blocks * span
+                hi = min(lo + span, w)
+                _affine_plain(x[r, lo:hi], a[lo:hi], b[lo:hi], relu, row(mask, r, lo, hi),
+                              out[r, lo:hi])
 
 
 # The forward's output: x * scale + shift, or for half outputs the float32
@@ -469,8 +479,9 @@ def _row_coefficients_half(mean, scale, shift, bias, channels, inner, w, out):
 #: ``(a, b, coef, ok)`` for :func:`_normalize_row`: ``scale`` and ``shift``
 #: over the ``w`` columns of a row, or for a half ``out`` where ``ok``, the five
 #: rows of :func:`half_coefficients` over them, as a tuple of float32 arrays
-#: (no views are made of them in the loop over the rows: a view costs a
-#: reference count on an array every task shares).
+#: (no views are made of them in the loop over rows of up to ``ROW_TASK``
+#: values: a view costs a reference count on an array every task shares;
+#: longer rows' blocks of columns take views, once per ``ROW_TASK`` values).
 _row_coefficients = by_element(_row_coefficients_floats, _row_coefficients_half)
 
 
@@ -482,8 +493,15 @@ def _row_normalize_pass(x, mean, scale, shift, bias, channels, inner, relu, out)
     else:
         a, b, coef, ok = _row_coefficients(mean, scale, shift, bias, channels, inner,
                                            x.shape[1], out)
-        for r in prange(x.shape[0]):
-            _normalize_row(x[r], a, b, coef, ok, relu, out[r])
+        blocks, span = _column_blocks(x, 1)
+        if blocks == 1:
+            for r in prange(x.shape[0]):
+                _normalize_row(x[r], a, b, coef, ok, relu, out[r])
+        else:
+            for t in prange(x.shape[0] * blocks):
+                r, lo = t // blocks, t % blocks * span
+                _normalize_columns(x, a, b, coef, ok, relu, r, lo, min(lo + span, x.shape[1]),
+                                   out)
 
 
 @njit(inline="always")

@@ -17,7 +17,7 @@ def params(rng, c):
 
 
 @pytest.mark.parametrize("shape,axis", SHAPES + [((4, 3, 70000), 1), ((3000, 24), -1),
-                                                 ((13, 9000), 1)])
+                                                 ((13, 9000), 1), ((3, 20000), 1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_relu_matches_the_reference(rng, shape, axis, dtype, training):

@@ -19,7 +19,8 @@ CASES = sorted({(s, 1) for s in DEFAULT_SHAPES} | {
     ((32, 28, 28, 256), -1), ((64, 112, 112, 64), -1), ((8, 32, 32, 16), -1),
     ((256, 256, 28, 28), 1), ((2, 3, 40000), 1), ((1, 1, 1 << 22), 1), ((64, 64, 40), 1),
     ((16, 8, 4, 8, 8), 1), ((4, 6, 8, 10, 32), -1), ((3, 5, 7), 1), ((128, 256, 7), 1),
-    ((32, 512, 4, 4), 1), ((16, 2048, 2, 2), 1), ((64, 1024, 3, 3), 1), ((64, 8192), 1)})
+    ((32, 512, 4, 4), 1), ((16, 2048, 2, 2), 1), ((64, 1024, 3, 3), 1), ((64, 8192), 1),
+    ((16, 40000), 1), ((2, 8192, 3, 3), 1)})
 
 
 def _fields(layout):
@@ -123,28 +124,28 @@ class _Rows:
 
 @pytest.mark.parametrize("shape,axis", CASES)
 def test_output_passes_give_every_thread_two_tasks(shape, axis):
-    """The rows layout's output passes: the forward's a task a row, the input
-    gradient's four rows a task, cut into blocks of columns where they are
-    long (what the kernels compute, run here in Python): at least two tasks
-    a thread of every team (the late, wide stages of a CNN, (32, 512, 4, 4),
-    had one task a thread of 8 before the blocks of columns)."""
+    """The rows layout's output passes: the forward's a row a task, the input
+    gradient's four rows a task, each cut into blocks of columns where they
+    are long (what the kernels compute, run here in Python): at least two
+    tasks a thread of every team (the late, wide stages of a CNN, (32, 512,
+    4, 4), had one task a thread of 8 before the input gradient's blocks of
+    columns, and (64, 100000) a forward task a thread of 64 before the
+    forward's)."""
     kernels = pytest.importorskip("nbbn.kernels")
     layout = _engine.layout_of(shape, axis, 4)
     if layout.planes:
         return  # a task per span of a plane, as the statistics (above)
     rows = _Rows(layout.view)
-    blocks, span = kernels._column_blocks.py_func(rows, 4)
-    assert (blocks - 1) * span < layout.view[1] <= blocks * span and span % 16 == 0
-    assert 4 * span <= kernels.ROW_TASK or blocks == 1
-    gradient_tasks = -(-layout.view[0] // 4) * blocks
-    by_runs = kernels._rows_by_runs.py_func(rows, layout.inner, 2 * kernels.RUN_MIN)
-    for threads in THREADS:
-        team = layout.team(threads)
-        if team > 1 and not by_runs:
-            assert gradient_tasks >= 2 * team, (threads, gradient_tasks)
-        forward = layout.team(threads, _engine.FORWARD_GRAIN)
-        if forward > 1 and layout.view[1] <= _engine.FORWARD_GRAIN // 2:
-            # a row a task: two a thread wherever rows are up to half a
-            # forward's grain wide ((64, 100000) is not: 64 tasks for 64 threads)
-            assert layout.view[0] >= 2 * forward
+    # (passes by channel runs have tasks of RUN_TASK values whatever the rows)
+    for task_rows, grain, shortest_run in ((4, _engine.GRAIN, 2 * kernels.RUN_MIN),
+                                           (1, _engine.FORWARD_GRAIN, kernels.RUN_MIN)):
+        by_runs = kernels._rows_by_runs.py_func(rows, layout.inner, shortest_run)
+        blocks, span = kernels._column_blocks.py_func(rows, task_rows)
+        assert (blocks - 1) * span < layout.view[1] <= blocks * span and span % 16 == 0
+        assert task_rows * span <= kernels.ROW_TASK or blocks == 1
+        tasks = -(-layout.view[0] // task_rows) * blocks
+        for threads in THREADS:
+            team = layout.team(threads, grain)
+            if team > 1 and not by_runs:
+                assert tasks >= 2 * team, (threads, task_rows, tasks)
 

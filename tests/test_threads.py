@@ -147,15 +147,16 @@ def test_a_chosen_layer_is_honoured():
 #: Every layout at 1, 2, 3, 4 and 8 threads (teams of 1 to 8 on the same
 #: plans): planes (a task per channel for small teams, per chunk of a plane
 #: for 3 channels), rows (N, C), channels-last, 3-D rows with inner elements,
-#: 5-D both ways; many short rows, few long ones (2 x 2 planes: the input
-#: gradient's blocks of columns), and inputs small enough for the serial
+#: 5-D both ways; many short rows, few long ones (2 x 2 and 3 x 3 planes:
+#: the output passes' blocks of columns), and inputs small enough for the serial
 #: twins. The same bits every time, and the caller's thread count
 #: as it was after every call.
 EVERY_TEAM = """
 import numba, numpy as np, nbbn
 cases = [((8, 32, 32, 32), 1), ((4, 3, 50000), 1), ((512, 600), 1), ((16, 20, 20, 48), -1),
          ((256, 32, 40), 1), ((4, 8, 4, 32, 32), 1), ((4, 6, 8, 10, 64), -1),
-         ((8000, 24), 1), ((7, 9, 9, 5), -1), ((6, 5, 30), 1), ((16, 2048, 2, 2), 1)]
+         ((8000, 24), 1), ((7, 9, 9, 5), -1), ((6, 5, 30), 1), ((16, 2048, 2, 2), 1),
+         ((2, 8192, 3, 3), 1)]
 digests, restored = [], True
 for threads in (1, 2, 3, 4, 8):
     numba.set_num_threads(threads)
