@@ -328,12 +328,12 @@ def _normalize_row_half(x, a, b, coef, ok, relu, out):
 _normalize_row = by_element(_normalize_row_floats, _normalize_row_half)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _normalize_columns_floats(x, a, b, coef, ok, relu, r, lo, hi, out):
     _axpb(x[r, lo:hi], a[lo:hi], b[lo:hi], relu, out[r, lo:hi])
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _normalize_columns_half(x, a, b, coef, ok, relu, r, lo, hi, out):
     if ok:
         _normalize_half(x[r, lo:hi], coef[0][lo:hi], coef[1][lo:hi], coef[2][lo:hi],

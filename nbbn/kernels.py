@@ -424,11 +424,10 @@ def _row_affine_pass(x, scale, shift, channels, inner, relu, mask, out):
         w = x.shape[1]
         a, b = _expand(scale, channels, inner, w), _expand(shift, channels, inner, w)
         blocks, span = _column_blocks(x, 1)
-        if blocks == 1:  # a task a row (no views: see _row_coefficients)
-            for r in prange(x.shape[0]):
-                _affine_plain(x[r], a, b, relu, row(mask, r, 0, w), out[r])
-        else:
-            for t in prange(x.shape[0] * blocks):
+        for t in prange(x.shape[0] * blocks):  # (one loop: each costs its compile)
+            if blocks == 1:  # a task a row (no views: see _row_coefficients)
+                _affine_plain(x[t], a, b, relu, row(mask, t, 0, w), out[t])
+            else:
                 r, lo = t // blocks, t % blocks * span
                 hi = min(lo + span, w)
                 _affine_plain(x[r, lo:hi], a[lo:hi], b[lo:hi], relu, row(mask, r, lo, hi),
@@ -494,11 +493,10 @@ def _row_normalize_pass(x, mean, scale, shift, bias, channels, inner, relu, out)
         a, b, coef, ok = _row_coefficients(mean, scale, shift, bias, channels, inner,
                                            x.shape[1], out)
         blocks, span = _column_blocks(x, 1)
-        if blocks == 1:
-            for r in prange(x.shape[0]):
-                _normalize_row(x[r], a, b, coef, ok, relu, out[r])
-        else:
-            for t in prange(x.shape[0] * blocks):
+        for t in prange(x.shape[0] * blocks):
+            if blocks == 1:
+                _normalize_row(x[t], a, b, coef, ok, relu, out[t])
+            else:
                 r, lo = t // blocks, t % blocks * span
                 _normalize_columns(x, a, b, coef, ok, relu, r, lo, min(lo + span, x.shape[1]),
                                    out)
