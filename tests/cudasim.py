@@ -115,7 +115,7 @@ def simulator_run(test_file, min_passed):
     def test_simulator_run():
         env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
         code, out = run_bounded([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
-                                 "--durations=5", str(path)], env)
+                                 "-n", "0", "--durations=5", str(path)], env)
         summary = out.strip().splitlines()[-1] if out.strip() else ""
         assert code == 0, out[-12000:]
         passed = re.search(r"(\d+) passed", summary)
