@@ -513,26 +513,32 @@ def _gradient(dy, mask, j):
 @njit(cache=True)
 def _grad_input_rows(dy, x, mask, a, b, c, mean, r0, r1, lo, hi, out):
     """:func:`_grad_input_plain` of rows ``r0:r1``, columns ``lo:hi``, of (R, W)
-    arrays, with per-column coefficients, four rows per visit of them (a row
-    at a time, their loads bound the loop: four took 0.71 of the time at
-    (128, 1024) float32, measured); the same arithmetic, so the same bits."""
+    arrays, with per-column coefficients, two rows per visit of them (a row
+    at a time, their loads bound the loop); the same arithmetic, so the same
+    bits. Both rows are loaded before either is stored: where ``out`` sits at
+    ``x``'s offset in a 4 KiB page (as NumPy places large arrays) and rows
+    are a multiple of 1 KiB apart, a store ahead of another row's loads of
+    the same column makes the core wait for it (a false dependence on the
+    address's low 12 bits), and four rows a visit more lines of one L1 set
+    than it holds. Measured (float32, 2 threads, ``out`` at ``x``'s offset):
+    0.60-0.71 of the time of four rows at (64, 128), (128, 1024), (2048,
+    256) and (4096, 1024); 0.80-0.97 at another offset."""
     w = a.shape[0]
     r = r0
-    while r + 4 <= r1:
-        xa, xb, xc, xd = x[r], x[r + 1], x[r + 2], x[r + 3]
-        da, db, dc, dd = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
+    while r + 2 <= r1:
+        xa, xb = x[r], x[r + 1]
+        da, db = dy[r], dy[r + 1]
         ma, mb = row(mask, r, 0, w), row(mask, r + 1, 0, w)
-        mc, md = row(mask, r + 2, 0, w), row(mask, r + 3, 0, w)
-        oa, ob, oc, od = out[r], out[r + 1], out[r + 2], out[r + 3]
+        oa, ob = out[r], out[r + 1]
         # An unsigned index (as _run_bounds's): numba tests a signed one for
         # wraparound, which kept LLVM from vectorizing this loop.
         for j in range(np.uintp(lo), np.uintp(hi)):
             aj, bj, cj, mj = a[j], b[j], c[j], mean[j]
-            store(oa, j, _gradient(da, ma, j) * aj + (load(xa, j) - mj) * bj + cj)
-            store(ob, j, _gradient(db, mb, j) * aj + (load(xb, j) - mj) * bj + cj)
-            store(oc, j, _gradient(dc, mc, j) * aj + (load(xc, j) - mj) * bj + cj)
-            store(od, j, _gradient(dd, md, j) * aj + (load(xd, j) - mj) * bj + cj)
-        r += 4
+            va = _gradient(da, ma, j) * aj + (load(xa, j) - mj) * bj + cj
+            vb = _gradient(db, mb, j) * aj + (load(xb, j) - mj) * bj + cj
+            store(oa, j, va)
+            store(ob, j, vb)
+        r += 2
     for k in range(r, r1):
         _grad_input_plain(dy[k, lo:hi], x[k, lo:hi], row(mask, k, lo, hi), a[lo:hi],
                           b[lo:hi], c[lo:hi], mean[lo:hi], out[k, lo:hi])
