@@ -351,7 +351,9 @@ def test_float32_second_moment_of_half_inputs(dtype, shape):
     ranges, where float32 squares overflow or underflow, are summed again in float64), and
     a constant channel's variance is exactly 0."""
     rng = np.random.default_rng(11)
-    big = 1e30 if dtype == BF16 else 6e4
+    # float16: 3e4 +- 3750, six spreads below 65504 (at 6e4 every channel overflowed to
+    # inf, and the case checked nothing)
+    big = 1e30 if dtype == BF16 else 3e4
     for loc, spread in [(0.0, 1.0), (3e3, 0.5), (big, big / 8), (1e-3, 1e-4),
                         (1e-30 if dtype == BF16 else 1e-5, 1e-32 if dtype == BF16 else 1e-6)]:
         x = half_input(rng, shape, dtype, loc, spread)
@@ -361,4 +363,5 @@ def test_float32_second_moment_of_half_inputs(dtype, shape):
         var = 1.0 / invstd ** 2 - 1e-300
         assert invstd[1] == 1.0 / np.sqrt(1e-300)  # the constant channel's variance is 0
         keep = ref > 0
+        assert keep.sum() == ref.shape[0] - 1, loc  # every channel but the constant one
         np.testing.assert_allclose(var[keep], ref[keep], rtol=2.0 ** -16, err_msg=str(loc))
