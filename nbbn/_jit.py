@@ -95,6 +95,17 @@ def _stamp_cache_with_kernel_sources():
 _stamp_cache_with_kernel_sources()
 
 
+def parallel_kernel(f):
+    """``f`` compiled as a ``cache=True`` parallel kernel whose ``prange``
+    loops, and nothing else, run on numba's threads: with ``parallel=True``
+    numba would also turn array expressions (``counts.sum()`` of a few
+    values, say) into parallel regions of their own, each waking the team
+    once more per call, and compile each as one more function."""
+    return njit(parallel={"prange": True, "comprehension": False, "reduction": False,
+                          "inplace_binop": False, "setitem": False, "numpy": False,
+                          "stencil": False, "fusion": False}, cache=True)(f)
+
+
 def serial_twin(kernel):
     """A ``cache=True`` njit function running ``kernel``'s code in one thread.
 

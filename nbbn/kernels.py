@@ -36,12 +36,13 @@ import numpy as np
 from numba import njit, prange
 
 from ._half import _bits_of_f32, _f32_from_bits, float_empty
-from ._jit import at, by_element, plane_rows, row, serial_twin, span, tail
+from ._jit import at, by_element, parallel_kernel, plane_rows, row, serial_twin, span, tail
 from .kernel_loops import (_add_grad_columns, _affine_plain, _affine_runs, _affine_span,
                            _column_moments, _expand, _expand_rows, _fold_columns, _fold_tiles,
                            _grad_dot, _grad_input_rows, _grad_input_runs, _grad_input_span,
                            _normalize_columns, _normalize_row, _normalize_runs, _normalize_span,
                            _span_moments)
+
 
 
 # --- per channel -------------------------------------------------------------
@@ -615,7 +616,7 @@ def _plane_channel_backward(dy, x, mask, mean, invstd, weight, count, training, 
 
 # --- kernels: one pass (serial twins at the end) -----------------------------
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def plane_moments(x, chunk, counts):
     """Per-channel (mean, biased variance) of ``x`` (N, C, M); ``counts[p]``:
     elements per channel in part ``p``."""
@@ -623,7 +624,7 @@ def plane_moments(x, chunk, counts):
     return _mean_var(counts, means, m2s)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def row_moments(x, parts, channels, inner, counts, blocks):
     """Per-channel (mean, biased variance) of ``x`` (R, W), in ``blocks``
     blocks of channels per chunk of rows."""
@@ -631,7 +632,7 @@ def row_moments(x, parts, channels, inner, counts, blocks):
     return _mean_var(counts, means, m2s)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def plane_affine(x, scale, shift, chunk, relu, mask, stream, out):
     """``out = x * scale[c] + shift[c]`` for ``x`` (N, C, M); ReLU'd if
     ``relu``; 0 where ``mask > 0`` is false unless ``mask`` is None; with
@@ -639,33 +640,33 @@ def plane_affine(x, scale, shift, chunk, relu, mask, stream, out):
     _plane_affine_pass(x, scale, shift, chunk, relu, mask, stream, out)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def row_affine(x, scale, shift, channels, inner, relu, mask, out):
     """:func:`plane_affine` for ``x`` (R, W), coefficients (C,)."""
     _row_affine_pass(x, scale, shift, channels, inner, relu, mask, out)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def plane_grad_sums(x, dy, mask, mean, chunk):
     """Per-channel ``sum(g)`` and ``sum(g * (x - mean[c]))`` for (N, C, M)
     arrays, ``g`` being ``dy``, masked by ``mask > 0`` unless ``mask`` is None."""
     return _plane_grad_sums_pass(x, dy, mask, mean, chunk)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def row_grad_sums(x, dy, mask, mean, parts, channels, inner, blocks):
     """:func:`plane_grad_sums` for ``x`` (R, W), ``mean`` (C,)."""
     return _row_grad_sums_pass(x, dy, mask, mean, parts, channels, inner, blocks)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def plane_grad_input(dy, x, mask, a, b, c, mean, chunk, stream, out):
     """``out = g * a + (x - mean) * b + c`` per channel for (N, C, M) arrays,
     ``g`` as in :func:`plane_grad_sums`; non-temporal stores if ``stream``."""
     _plane_grad_input_pass(dy, x, mask, a, b, c, mean, chunk, stream, out)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def row_grad_input(dy, x, mask, a, b, c, mean, channels, inner, out):
     """:func:`plane_grad_input` for (R, W) arrays, coefficients (C,)."""
     _row_grad_input_pass(dy, x, mask, a, b, c, mean, channels, inner, out)
@@ -673,7 +674,7 @@ def row_grad_input(dy, x, mask, a, b, c, mean, channels, inner, out):
 
 # --- kernels: a whole forward or backward ------------------------------------
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def plane_train(x, chunk, counts, running_mean, running_var, factor, weight, bias, eps, relu,
                 by_channel, stream, out):
     """Training forward of (N, C, M) ``x``: batch statistics, running update
@@ -695,7 +696,7 @@ def plane_train(x, chunk, counts, running_mean, running_var, factor, weight, bia
     return mean, invstd, updated
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def row_train(x, parts, channels, inner, counts, blocks, running_mean, running_var,
               factor, weight, bias, eps, relu, out):
     """:func:`plane_train` for ``x`` (R, W)."""
@@ -707,7 +708,7 @@ def row_train(x, parts, channels, inner, counts, blocks, running_mean, running_v
     return mean, invstd, updated
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def plane_eval(x, chunk, mean, var, weight, bias, eps, relu, stream, out):
     """Evaluation forward of (N, C, M) ``x`` with the given statistics; returns invstd."""
     invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
@@ -715,7 +716,7 @@ def plane_eval(x, chunk, mean, var, weight, bias, eps, relu, stream, out):
     return invstd
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def row_eval(x, channels, inner, mean, var, weight, bias, eps, relu, out):
     """:func:`plane_eval` for ``x`` (R, W)."""
     invstd, scale, shift = coefficients(mean, var, weight, bias, eps)
@@ -723,7 +724,7 @@ def row_eval(x, channels, inner, mean, var, weight, bias, eps, relu, out):
     return invstd
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def plane_backward(dy, x, mask, mean, invstd, weight, training, chunk, count, by_channel,
                    stream, out):
     """Backward of a planes forward: ``out`` is the input gradient (through
@@ -746,7 +747,7 @@ def plane_backward(dy, x, mask, mean, invstd, weight, training, chunk, count, by
     return _cast_gradients(s_dy, s_dyx, invstd, x)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def row_backward(dy, x, mask, mean, invstd, weight, training, parts, channels, inner,
                  blocks, count, out):
     """:func:`plane_backward` for (R, W) arrays."""
@@ -759,7 +760,7 @@ def row_backward(dy, x, mask, mean, invstd, weight, training, parts, channels, i
     return _cast_gradients(s_dy, s_dyx, invstd, x)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def bandwidth_probe(x, a, b, chunk, stream, out):
     """``out = x * a + b`` over 1-D arrays in ``chunk``s: the memory
     bandwidth probe of ``python -m nbbn bench`` (the loop of :func:`plane_affine`,
