@@ -44,7 +44,6 @@ from .kernel_loops import (_add_grad_columns, _affine_plain, _affine_runs, _affi
                            _span_moments)
 
 
-
 # --- per channel -------------------------------------------------------------
 
 @njit(cache=True)
