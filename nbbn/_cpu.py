@@ -3,9 +3,9 @@ through ``nbbn._engine``. The GPU backend (``nbbn.gpu.backend.GPU``) has the
 same methods, so the layers and the functional API run one code path on
 either device; arrays reaching a backend's compute methods are validated.
 Per-channel statistics are float64 (C,) arrays. Half arrays (float16,
-bfloat16) reach the kernels as their 16-bit views (``nbbn._half``); half
-parameters and running statistics as float32 copies (running statistics
-are written back).
+bfloat16) reach the kernels as their 16-bit views (``nbbn._half``), half
+running statistics as float32 copies (written back); ``nbbn._engine``
+converts the other per-channel arrays as the kernels take them.
 """
 import numpy as np
 
@@ -15,8 +15,8 @@ from ._validation import kernel_view
 
 
 def _wide(v):
-    """Per-channel ``v`` (None, or a float array) as the kernels take it: a
-    half one as a float32 copy (exact; the kernels compile no other type for it)."""
+    """Running statistics ``v`` (None, or a float array) as the kernels update
+    them: a half one as a float32 copy (exact), written back after."""
     if v is None or v.dtype.itemsize != 2:
         return v
     return v.astype(np.float32) if check.is_half(v.dtype) else v
@@ -148,8 +148,7 @@ class CPU:
         """Training forward into ``out``: ``(mean, invstd, updated)``."""
         rm, rv = _wide(running_mean), _wide(running_var)
         result = engine.train(kernel_view(x), engine.layout_of(x.shape, axis, x.itemsize), rm,
-                              rv, factor, _wide(weight), _wide(bias), eps, relu,
-                              kernel_view(out))
+                              rv, factor, weight, bias, eps, relu, kernel_view(out))
         _write_back(running_mean, rm, result[2])
         _write_back(running_var, rv, result[2])
         return result
@@ -159,8 +158,7 @@ class CPU:
         """Forward with the given statistics into ``out``: ``(mean, invstd)``,
         those it normalized with, float64 (``mean`` None unless ``want_mean``)."""
         invstd = engine.evaluate(kernel_view(x), engine.layout_of(x.shape, axis, x.itemsize),
-                                 _wide(mean), _wide(var), _wide(weight), _wide(bias), eps, relu,
-                                 kernel_view(out))
+                                 mean, var, weight, bias, eps, relu, kernel_view(out))
         return (check.channel_vector(mean, "mean", mean.shape[0]) if want_mean else None), invstd
 
     @staticmethod
@@ -169,7 +167,7 @@ class CPU:
         dtype (float32 for a half one)."""
         return engine.backward(kernel_view(dy), kernel_view(x),
                                engine.layout_of(x.shape, axis, x.itemsize), _view(mask), mean,
-                               invstd, _wide(weight), training, kernel_view(out))
+                               invstd, weight, training, kernel_view(out))
 
     # --- the pieces, for statistics or corrections computed in between -----------
     @staticmethod
@@ -189,7 +187,7 @@ class CPU:
         """Input gradient through statistics over ``count`` values per channel
         whose gradient sums are ``s_dy``, ``s_dyx`` (all ranks', say)."""
         layout = engine.layout_of(x.shape, axis, x.itemsize)
-        a, b, c = engine.backward_coefficients(s_dy, s_dyx, invstd, _wide(weight), count)
+        a, b, c = engine.backward_coefficients(s_dy, s_dyx, invstd, weight, count)
         engine.grad_input(kernel_view(dy), kernel_view(x), layout, a, b, c, mean,
                           kernel_view(out), mask=_view(mask))
         return out

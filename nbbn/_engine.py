@@ -305,16 +305,41 @@ def update_running(running_mean, running_var, mean, unbiased_var, factor):
     return kernels().update_running(running_mean, running_var, mean, unbiased_var, factor)
 
 
-def coefficients(mean, var, weight, bias, eps):
-    """``(invstd, scale, shift)`` float64 (C,): ``y = x * scale + shift`` is
-    ``(x - mean) / sqrt(var + eps) * weight + bias`` (weight, bias: None or float)."""
-    return kernels().coefficients(mean, var, weight, bias, eps)
+# Per-channel arrays reach the kernels in few types, so that each kernel
+# compiles few variants (the float32 / float64 / None combinations of weight,
+# bias and running statistics made the test suite compile 540 kernels, most of
+# CI's time): None as ones (weight), zeros (bias) or empty arrays (running
+# statistics); float32 and half arrays widened to float64 for float64 inputs,
+# half ones to float32 for the others; float64 arrays as they are (narrowing
+# would round). Every step is exact. A layer's own arrays, in its dtype, pass
+# unconverted, and the checks compare type codes (``dtype ==`` took 0.14 us a
+# test; dtype instances are not unique): widening float32 ones to float64 in
+# every call cost 0.4-0.8 us an array (a (64, 128) float32 evaluation takes
+# 10-12 us).
+
+@functools.lru_cache(maxsize=64)
+def _filled(channels, code, value):
+    return np.full(channels, value, code)  # shared: the kernels never write it
+
+
+def _per_channel(v, channels, code="d", fill=0.0):
+    """``v`` (None or a float array (C,)) as the kernels take it (see above),
+    ``code`` "d" (float64) or "f" (float32)."""
+    if v is None:
+        return _filled(channels, code, fill)
+    k = v.dtype.char
+    return v if k == code or k == "d" else v.astype(code)
+
+
+def _param_code(x):
+    return "d" if x.dtype.char == "d" else "f"
 
 
 def backward_coefficients(s_dy, s_dyx, invstd, weight, count):
     """``(a, b, c)`` of ``dx = dy * a + (x - mean) * b + c`` (float64 (C,)) from
     ``s_dy = sum(dy)``, ``s_dyx = sum(dy * (x - mean))`` over ``count`` values."""
-    return kernels().backward_coefficients(s_dy, s_dyx, invstd, weight, float(count))
+    w = _per_channel(weight, invstd.shape[0], fill=1.0)
+    return kernels().backward_coefficients(s_dy, s_dyx, invstd, w, float(count))
 
 
 # --- one pass over the data ---------------------------------------------------
@@ -353,7 +378,7 @@ def grad_sums(x, dy, layout, mean, *, mask=None):
     """Per-channel ``sum(g)`` and ``sum(g * (x - mean))`` in one pass, where
     ``g`` is ``dy``, or ``dy`` where ``mask > 0`` and 0 elsewhere."""
     v, g, m = x.reshape(layout.view), dy.reshape(layout.view), _view(mask, layout)
-    crew = _crew(layout)
+    crew, mean = _crew(layout), _per_channel(mean, layout.channels)
     if layout.planes:
         return _run(crew, "plane_grad_sums", v, g, m, mean, layout.chunk)
     return _run(crew, "row_grad_sums", v, g, m, mean, layout.parts, layout.channels,
@@ -363,7 +388,7 @@ def grad_sums(x, dy, layout, mean, *, mask=None):
 def grad_input(dy, x, layout, a, b, c, mean, out, *, mask=None):
     """``out = g * a + (x - mean) * b + c`` per channel, ``g`` as in :func:`grad_sums`."""
     g, v, o = dy.reshape(layout.view), x.reshape(layout.view), out.reshape(layout.view)
-    m, crew = _view(mask, layout), _crew(layout)
+    m, crew, mean = _view(mask, layout), _crew(layout), _per_channel(mean, layout.channels)
     if layout.planes:
         _run(crew, "plane_grad_input", g, v, m, a, b, c, mean, layout.chunk,
              _stream(layout, out), o)
@@ -379,23 +404,29 @@ def train(x, layout, running_mean, running_var, factor, weight, bias, eps, relu,
     batch statistics; the running statistics (None, or updated in place unless
     the batch's are not finite) move by ``factor``."""
     v, o, crew = x.reshape(layout.view), out.reshape(layout.view), _crew(layout, FORWARD_GRAIN)
+    c, p = layout.channels, _param_code(x)
+    w, b = _per_channel(weight, c, p, 1.0), _per_channel(bias, c, p)
+    if running_mean is None:  # (the kernels take empty arrays)
+        running_mean = running_var = _filled(0, p, 0.0)
     if layout.planes:
         return _run(crew, "plane_train", v, layout.chunk, layout.counts, running_mean,
-                    running_var, factor, weight, bias, eps, relu,
-                    layout.by_channel_for(crew[0]), _stream(layout, out), o)
-    return _run(crew, "row_train", v, layout.parts, layout.channels, layout.inner,
-                layout.counts, layout.blocks_for(crew[0]), running_mean, running_var, factor,
-                weight, bias, eps, relu, o)
+                    running_var, factor, w, b, eps, relu, layout.by_channel_for(crew[0]),
+                    _stream(layout, out), o)
+    return _run(crew, "row_train", v, layout.parts, c, layout.inner, layout.counts,
+                layout.blocks_for(crew[0]), running_mean, running_var, factor, w, b, eps, relu,
+                o)
 
 
 def evaluate(x, layout, mean, var, weight, bias, eps, relu, out):
     """Forward with given statistics (float arrays (C,)) into ``out``; returns invstd."""
     v, o, crew = x.reshape(layout.view), out.reshape(layout.view), _crew(layout, FORWARD_GRAIN)
+    c, p = layout.channels, _param_code(x)
+    mean, var = _per_channel(mean, c, p), _per_channel(var, c, p)
+    w, b = _per_channel(weight, c, p, 1.0), _per_channel(bias, c, p)
     if layout.planes:
-        return _run(crew, "plane_eval", v, layout.chunk, mean, var, weight, bias, eps, relu,
+        return _run(crew, "plane_eval", v, layout.chunk, mean, var, w, b, eps, relu,
                     _stream(layout, out), o)
-    return _run(crew, "row_eval", v, layout.channels, layout.inner, mean, var, weight, bias,
-                eps, relu, o)
+    return _run(crew, "row_eval", v, c, layout.inner, mean, var, w, b, eps, relu, o)
 
 
 def backward(dy, x, layout, mask, mean, invstd, weight, training, out):
@@ -403,11 +434,12 @@ def backward(dy, x, layout, mask, mean, invstd, weight, training, out):
     ``training``) and ``(dweight, dbias)`` in ``x``'s dtype; ``mean`` and
     ``invstd`` float64 (C,)."""
     g, v, o = dy.reshape(layout.view), x.reshape(layout.view), out.reshape(layout.view)
-    m, crew = _view(mask, layout), _crew(layout)
+    m, crew, c = _view(mask, layout), _crew(layout), layout.channels
+    mean, invstd = _per_channel(mean, c), _per_channel(invstd, c)
+    w = _per_channel(weight, c, _param_code(x), 1.0)
     if layout.planes:
-        return _run(crew, "plane_backward", g, v, m, mean, invstd, weight, training,
-                    layout.chunk, float(layout.count), layout.by_channel_for(crew[0]),
-                    _stream(layout, out), o)
-    return _run(crew, "row_backward", g, v, m, mean, invstd, weight, training, layout.parts,
-                layout.channels, layout.inner, layout.blocks_for(crew[0]), float(layout.count),
-                o)
+        return _run(crew, "plane_backward", g, v, m, mean, invstd, w, training, layout.chunk,
+                    float(layout.count), layout.by_channel_for(crew[0]), _stream(layout, out),
+                    o)
+    return _run(crew, "row_backward", g, v, m, mean, invstd, w, training, layout.parts, c,
+                layout.inner, layout.blocks_for(crew[0]), float(layout.count), o)

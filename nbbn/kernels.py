@@ -214,8 +214,9 @@ def update_running(running_mean, running_var, mean, unbiased_var, factor):
 
 @njit(cache=True)
 def _track(running_mean, running_var, mean, var, count, factor):
-    """:func:`update_running` with the unbiased variance, if there are running statistics."""
-    if running_mean is None:
+    """:func:`update_running` with the unbiased variance, if there are running
+    statistics (empty arrays: none)."""
+    if running_mean.shape[0] == 0:
         return False
     return update_running(running_mean, running_var, mean, var * (count / (count - 1)), factor)
 
@@ -677,7 +678,7 @@ def row_grad_input(dy, x, mask, a, b, c, mean, channels, inner, out):
 def plane_train(x, chunk, counts, running_mean, running_var, factor, weight, bias, eps, relu,
                 by_channel, stream, out):
     """Training forward of (N, C, M) ``x``: batch statistics, running update
-    (unless ``running_mean`` is None, or the statistics are not finite),
+    (unless ``running_mean`` is empty, or the statistics are not finite),
     ``out``. Returns ``(mean, invstd, updated)``. ``by_channel``: one
     task per channel, its statistics and output together (one parallel region)."""
     channels = x.shape[1]

@@ -39,8 +39,12 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
     layout = _engine.layout_of(shape, axis, x.itemsize)
     v, g = x.reshape(layout.view), dy.reshape(layout.view)
     c = layout.channels
+    # Per-channel arrays in the types the engine passes (see _engine._per_channel):
+    # parameters and running statistics in x's dtype, batch statistics float64.
     mean, scale, shift = rng.standard_normal((3, c))
     w, rv = rng.uniform(0.5, 2, (2, c))
+    p_mean, p_w, p_rv, p_shift = (a.astype(dtype) for a in (mean, w, rv, shift))
+    zeros = np.zeros(c, dtype)
     counts, count = layout.counts, float(layout.count)
     out = np.empty_like(v)
     if layout.planes:
@@ -55,13 +59,14 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
             _assert_same(_run_both(layout, "plane_grad_input", g, v, mask, scale, shift, mean,
                                    mean, chunk, False, out))
         for by_channel in (False, True):
-            _assert_same(_run_both(layout, "plane_train", v, chunk, counts, mean.copy(),
-                                   rv.copy(), 0.1, w, shift, 1e-5, True, by_channel, False, out))
+            _assert_same(_run_both(layout, "plane_train", v, chunk, counts, p_mean.copy(),
+                                   p_rv.copy(), 0.1, p_w, p_shift, 1e-5, True, by_channel, False,
+                                   out))
             for training in (True, False):
-                _assert_same(_run_both(layout, "plane_backward", g, v, v, mean, rv, w, training,
-                                       chunk, count, by_channel, False, out))
-        _assert_same(_run_both(layout, "plane_eval", v, chunk, mean, rv, w, None, 1e-5, False,
-                               False, out))
+                _assert_same(_run_both(layout, "plane_backward", g, v, v, mean, rv, p_w,
+                                       training, chunk, count, by_channel, False, out))
+        _assert_same(_run_both(layout, "plane_eval", v, chunk, p_mean, p_rv, p_w, zeros, 1e-5,
+                               False, False, out))
     else:
         rpc, inner, blocks = layout.parts, layout.inner, max(2, layout.blocks)
         _assert_same([(r, out) for r, _ in
@@ -76,12 +81,12 @@ def test_serial_twins_give_the_same_bits(shape, axis, dtype):
             _assert_same(_run_both(layout, "row_grad_input", g, v, mask, scale, shift, mean,
                                    mean, c, inner, out))
         _assert_same(_run_both(layout, "row_train", v, rpc, c, inner, counts, blocks,
-                               mean.copy(), rv.copy(), 0.1, w, shift, 1e-5, True, out))
+                               p_mean.copy(), p_rv.copy(), 0.1, p_w, p_shift, 1e-5, True, out))
         for training in (True, False):
-            _assert_same(_run_both(layout, "row_backward", g, v, v, mean, rv, w, training, rpc, c,
-                                   inner, blocks, count, out))
-        _assert_same(_run_both(layout, "row_eval", v, c, inner, mean, rv, w, None, 1e-5, False,
-                               out))
+            _assert_same(_run_both(layout, "row_backward", g, v, v, mean, rv, p_w, training, rpc,
+                                   c, inner, blocks, count, out))
+        _assert_same(_run_both(layout, "row_eval", v, c, inner, p_mean, p_rv, p_w, zeros, 1e-5,
+                               False, out))
 
 
 @pytest.mark.parametrize("shape,axis", SHAPES)
@@ -94,18 +99,19 @@ def test_the_task_split_does_not_change_the_bits(shape, axis):
     layout = _engine.layout_of(shape, axis, 4)
     k, v, g = _engine.kernels(), x.reshape(layout.view), dy.reshape(layout.view)
     c, rpc, inner, count = layout.channels, layout.parts, layout.inner, layout.count
+    ones, zeros, none = np.ones(c, np.float32), np.zeros(c, np.float32), np.empty(0, np.float32)
     results = []
     for split in (False, True) if layout.planes else (1, 2, 3, c):
         out, dx = np.empty_like(v), np.empty_like(v)
         if layout.planes:
-            stats = k.plane_train(v, layout.chunk, layout.counts, None, None, 0.1, None,
-                                  None, 1e-5, False, split, False, out)
-            grads = k.plane_backward(g, v, None, stats[0], stats[1], None, True,
-                                     layout.chunk, float(count), split, False, dx)
+            stats = k.plane_train(v, layout.chunk, layout.counts, none, none, 0.1, ones, zeros,
+                                  1e-5, False, split, False, out)
+            grads = k.plane_backward(g, v, None, stats[0], stats[1], ones, True, layout.chunk,
+                                     float(count), split, False, dx)
         else:
-            stats = k.row_train(v, rpc, c, inner, layout.counts, split, None, None, 0.1, None,
-                                None, 1e-5, False, out)
-            grads = k.row_backward(g, v, None, stats[0], stats[1], None, True, rpc, c, inner,
+            stats = k.row_train(v, rpc, c, inner, layout.counts, split, none, none, 0.1, ones,
+                                zeros, 1e-5, False, out)
+            grads = k.row_backward(g, v, None, stats[0], stats[1], ones, True, rpc, c, inner,
                                    split, float(count), dx)
         results.append((out, dx) + tuple(stats[:2]) + tuple(grads))
     for other in results[1:]:
