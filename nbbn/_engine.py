@@ -378,7 +378,7 @@ def grad_sums(x, dy, layout, mean, *, mask=None):
     """Per-channel ``sum(g)`` and ``sum(g * (x - mean))`` in one pass, where
     ``g`` is ``dy``, or ``dy`` where ``mask > 0`` and 0 elsewhere."""
     v, g, m = x.reshape(layout.view), dy.reshape(layout.view), _view(mask, layout)
-    crew, mean = _crew(layout), _per_channel(mean, layout.channels)
+    crew = _crew(layout)
     if layout.planes:
         return _run(crew, "plane_grad_sums", v, g, m, mean, layout.chunk)
     return _run(crew, "row_grad_sums", v, g, m, mean, layout.parts, layout.channels,
@@ -388,7 +388,7 @@ def grad_sums(x, dy, layout, mean, *, mask=None):
 def grad_input(dy, x, layout, a, b, c, mean, out, *, mask=None):
     """``out = g * a + (x - mean) * b + c`` per channel, ``g`` as in :func:`grad_sums`."""
     g, v, o = dy.reshape(layout.view), x.reshape(layout.view), out.reshape(layout.view)
-    m, crew, mean = _view(mask, layout), _crew(layout), _per_channel(mean, layout.channels)
+    m, crew = _view(mask, layout), _crew(layout)
     if layout.planes:
         _run(crew, "plane_grad_input", g, v, m, a, b, c, mean, layout.chunk,
              _stream(layout, out), o)
@@ -435,7 +435,6 @@ def backward(dy, x, layout, mask, mean, invstd, weight, training, out):
     ``invstd`` float64 (C,)."""
     g, v, o = dy.reshape(layout.view), x.reshape(layout.view), out.reshape(layout.view)
     m, crew, c = _view(mask, layout), _crew(layout), layout.channels
-    mean, invstd = _per_channel(mean, c), _per_channel(invstd, c)
     w = _per_channel(weight, c, _param_code(x), 1.0)
     if layout.planes:
         return _run(crew, "plane_backward", g, v, m, mean, invstd, w, training, layout.chunk,
