@@ -6,6 +6,7 @@ the pool recycles arrays only once every view of them is gone, on the
 simulator and with numba's real device-array classes (no GPU needed for
 those: nothing is launched)."""
 import gc
+import threading
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from cudasim import (SIMULATOR, activity, cpu, here, host, simulator_run,  # noq
 from nbbn.functional import batch_norm_backward, native_batch_norm
 from nbbn.gpu import backend as _cuda
 
-test_simulator_run = simulator_run(__file__, min_passed=13)
+test_simulator_run = simulator_run(__file__, min_passed=14)
 
 #: The channel layout, rows of a few channels, channels last (several tiles).
 SHAPES = [((3, 2, 9), 1), ((6, 3), 1), ((4, 3, 3), -1), ((5, 3, 2), 1)]
@@ -122,6 +123,47 @@ def test_non_contiguous_input_is_refused_before_any_launch(rng, activity):
     with pytest.raises(ValueError, match="C-contiguous on the device"):
         bn(strided)
     assert activity["launches"] == 0
+
+
+# --- the simulator itself --------------------------------------------------------------
+
+
+def _total_of_four_threads(out):
+    """A kernel (compiled by the test): four threads write a shared array, thread 0 adds it up."""
+    values = cuda.shared.array(4, int32)
+    values[cuda.threadIdx.x] = cuda.threadIdx.x + 1
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        out[0] = values[0] + values[1] + values[2] + values[3]
+
+
+if SIMULATOR:  # a global, so that the simulator swaps it for its own module in kernels
+    from numba import cuda, int32
+
+
+@here
+@simulated
+def test_the_simulators_shared_array_is_one_for_the_block(monkeypatch):
+    """Four threads that ask for a shared array at the same moment get the
+    same one (``cudasim.shared_arrays_made_once``): each thread's ``np.empty``
+    waits until the other three are in theirs too, or for 0.5 s."""
+    from numba.cuda.simulator.kernel import BlockThread
+
+    together, empty = threading.Barrier(4), np.empty
+
+    def slow_empty(*args, **kwargs):
+        if isinstance(threading.current_thread(), BlockThread):
+            try:
+                together.wait(timeout=0.5)
+            except threading.BrokenBarrierError:
+                pass
+        return empty(*args, **kwargs)
+
+    kernel = cuda.jit(_total_of_four_threads)
+    monkeypatch.setattr(np, "empty", slow_empty)
+    out = np.zeros(1, np.int64)
+    kernel[1, 4](out)
+    assert out[0] == 10
 
 
 # --- the pool --------------------------------------------------------------------
