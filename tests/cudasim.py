@@ -48,11 +48,11 @@ def shared_arrays_made_once():
     """Make a block's ``cuda.shared.array`` one array for all its threads on
     numba's simulator, which otherwise fails now and then.
 
-    The simulator (numba 0.68's ``FakeCUDAShared.array``) keeps a launch's
-    shared arrays by the line that asks for one: it looks the line up, and
-    makes and stores an array if none is there. Two threads that ask at once
-    can both find none. Then each gets an array of its own, and its writes
-    never reach the other threads. A tree reduction then reads ``np.empty``'s
+    The simulator (``FakeCUDAShared.array``, numba 0.68's and numba-cuda's)
+    keeps a launch's shared arrays by the line that asks for one: it looks the
+    line up, and makes and stores an array if none is there. Two threads that
+    ask at once can both find none. Then each gets an array of its own, and
+    its writes never reach the other threads. A tree reduction then reads ``np.empty``'s
     garbage. This happened in the GPU ghost-batch tests, under load, about one
     run in ten. Here the lookup and the store are one step under a lock."""
     from numba.cuda.simulator import kernelapi
@@ -60,7 +60,9 @@ def shared_arrays_made_once():
     shared, lock = kernelapi.FakeCUDAShared, threading.Lock()
     original = shared.array
 
-    def array(self, shape, dtype):
+    def array(self, shape, dtype, alignment=None):
+        if alignment is not None:  # (numba-cuda's simulator refuses it)
+            return original(self, shape, dtype, alignment)
         if shape == 0:  # dynamic shared memory: one buffer made before the launch
             return original(self, shape, dtype)
         caller = sys._getframe(1)
