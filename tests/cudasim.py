@@ -52,9 +52,10 @@ def shared_arrays_made_once():
     keeps a launch's shared arrays by the line that asks for one: it looks the
     line up, and makes and stores an array if none is there. Two threads that
     ask at once can both find none. Then each gets an array of its own, and
-    its writes never reach the other threads. A tree reduction then reads ``np.empty``'s
-    garbage. This happened in the GPU ghost-batch tests, under load, about one
-    run in ten. Here the lookup and the store are one step under a lock."""
+    its writes never reach the other threads: a tree reduction then reads
+    ``np.empty``'s garbage (the GPU ghost-batch tests failed so, under load,
+    about one run in ten). Here the lookup and the store are one step under a
+    lock."""
     from numba.cuda.simulator import kernelapi
 
     shared, lock = kernelapi.FakeCUDAShared, threading.Lock()
@@ -80,6 +81,7 @@ def shared_arrays_made_once():
 
 if SIMULATOR:
     shared_arrays_made_once()
+
 #: Mark of the tests that need numba.cuda (a GPU or the simulator in this process).
 here = pytest.mark.skipif(not (SIMULATOR or GPU), reason="runs in test_simulator_run's subprocess")
 #: Mark of a GPU test file's CPU tests: skipped in the simulator's subprocess, which

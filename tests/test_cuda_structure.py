@@ -128,6 +128,10 @@ def test_non_contiguous_input_is_refused_before_any_launch(rng, activity):
 # --- the simulator itself --------------------------------------------------------------
 
 
+if SIMULATOR:  # a global, so that the simulator swaps it for its own module in kernels
+    from numba import cuda, int32
+
+
 def _total_of_four_threads(out):
     """A kernel (compiled by the test): four threads write a shared array, thread 0 adds it up."""
     values = cuda.shared.array(4, int32)
@@ -135,10 +139,6 @@ def _total_of_four_threads(out):
     cuda.syncthreads()
     if cuda.threadIdx.x == 0:
         out[0] = values[0] + values[1] + values[2] + values[3]
-
-
-if SIMULATOR:  # a global, so that the simulator swaps it for its own module in kernels
-    from numba import cuda, int32
 
 
 @here
