@@ -13,16 +13,12 @@ simulator (one Python thread per CUDA thread) stays fast and every merge path
 is exercised, and a short GIL switch interval, since the simulator's threads
 meet at every ``syncthreads``. The :func:`activity` fixture counts what calls
 do with the (simulated) device.
-
-Importing this module on the simulator also makes its shared arrays safe for
-the block's threads (:func:`shared_arrays_made_once`).
 """
 import collections
 import os
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -42,46 +38,6 @@ def _gpu_present():
 
 
 GPU = _gpu_present()
-
-
-def shared_arrays_made_once():
-    """Make a block's ``cuda.shared.array`` one array for all its threads on
-    numba's simulator, which otherwise fails now and then.
-
-    The simulator (``FakeCUDAShared.array``, numba 0.68's and numba-cuda's)
-    keeps a launch's shared arrays by the line that asks for one: it looks the
-    line up, and makes and stores an array if none is there. Two threads that
-    ask at once can both find none. Then each gets an array of its own, and
-    its writes never reach the other threads: a tree reduction then reads
-    ``np.empty``'s garbage (the GPU ghost-batch tests failed so, under load,
-    about one run in ten). Here the lookup and the store are one step under a
-    lock."""
-    from numba.cuda.simulator import kernelapi
-
-    shared, lock = kernelapi.FakeCUDAShared, threading.Lock()
-    original = shared.array
-
-    def array(self, shape, dtype, alignment=None):
-        if alignment is not None:  # (numba-cuda's simulator refuses it)
-            return original(self, shape, dtype, alignment)
-        if shape == 0:  # dynamic shared memory: one buffer made before the launch
-            return original(self, shape, dtype)
-        caller = sys._getframe(1)
-        line = (caller.f_code.co_filename, caller.f_lineno)  # the simulator's key
-        if isinstance(dtype, kernelapi.types.Type):
-            dtype = kernelapi.numpy_support.as_dtype(dtype)
-        with lock:
-            made = self._allocations.get(line)
-            if made is None:
-                made = self._allocations[line] = np.empty(shape, dtype)
-        return made
-
-    shared.array = array
-
-
-if SIMULATOR:
-    shared_arrays_made_once()
-
 #: Mark of the tests that need numba.cuda (a GPU or the simulator in this process).
 here = pytest.mark.skipif(not (SIMULATOR or GPU), reason="runs in test_simulator_run's subprocess")
 #: Mark of a GPU test file's CPU tests: skipped in the simulator's subprocess, which

@@ -144,10 +144,13 @@ def _total_of_four_threads(out):
 @here
 @simulated
 def test_the_simulators_shared_array_is_one_for_the_block(monkeypatch):
-    """Four threads that ask for a shared array at the same moment get the
-    same one (``cudasim.shared_arrays_made_once``): each thread's ``np.empty``
-    waits until the other three are in theirs too, or for 0.5 s."""
+    """On the simulator, once nbbn's GPU path is loaded, four threads that ask
+    for a shared array at the same moment get the same one
+    (``nbbn.gpu.simulator``): each thread's ``np.empty`` waits until the
+    other three are in theirs too, or for 0.5 s."""
     from numba.cuda.simulator.kernel import BlockThread
+
+    _cuda.cuda()  # what any GPU call of nbbn does first
 
     together, empty = threading.Barrier(4), np.empty
 

@@ -1,5 +1,6 @@
 """The GPU backend: ``numba.cuda`` kernels (``kernels``, ``channel_kernels``),
-their launches (``backend``) and the device memory they reuse (``memory``).
+their launches (``backend``), the device memory they reuse (``memory``) and a
+repair of numba's CUDA simulator (``simulator``).
 Nothing here is imported by ``import nbbn``; it is loaded on the first device
 array or ``device='cuda'``, or by ``import nbbn.gpu`` (which does not import
 ``numba.cuda`` until a function below is called)."""

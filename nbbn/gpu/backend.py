@@ -105,6 +105,9 @@ def cuda():
                 "before numba is imported to run on numba's CUDA simulator")
         from .memory import Pool
         _simulated = _is_simulator()
+        if _simulated:
+            from .simulator import make_shared_arrays_safe
+            make_shared_arrays_safe()
         _pool = Pool(module, _simulated)
         _cuda = module
     return _cuda
