@@ -286,3 +286,23 @@ def test_cli_pipeline(tmp_path):
         s = case["seconds"]
         assert case["over_matmuls"] == {"nbbn": s["nbbn"] - s["matmuls"],
                                          "numpy": s["numpy"] - s["matmuls"]}
+
+
+def test_device_script_keeps_to_its_budget(tmp_path):
+    """``.ci/device`` with no time left: the machine's heading, then every stage
+    skipped (nothing compiled or measured), and no result files but its log."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / ".ci").mkdir()
+    script = tmp_path / ".ci" / "device"
+    script.write_text(open(os.path.join(repo, ".ci", "device")).read())
+    env = {**os.environ, "OUT": str(tmp_path / "out"),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    r = subprocess.run(["bash", str(script), "0"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "out" / "log.md").read_text()
+    assert log.startswith("# .ci/device") and "CPUs" in log and "numba " in log
+    assert "compiling: skipped" in log
+    for stage in ("float32-t", "pipeline-t", "float16", "bfloat16", "scaling", "GPU tests"):
+        assert f"- {stage}" in log and "skipped" in log.split(f"- {stage}")[1].splitlines()[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["log.md"]
