@@ -306,3 +306,13 @@ def test_device_script_keeps_to_its_budget(tmp_path):
     for stage in ("float32-t", "pipeline-t", "float16", "bfloat16", "scaling", "GPU tests"):
         assert f"- {stage}" in log and "skipped" in log.split(f"- {stage}")[1].splitlines()[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["log.md"]
+
+
+@pytest.mark.parametrize("budget", ["5m", "-3", "fast"])
+def test_device_script_refuses_a_budget_that_is_no_count_of_seconds(tmp_path, budget):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["bash", os.path.join(repo, ".ci", "device"), budget],
+                       capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path)},
+                       timeout=60)
+    assert r.returncode == 2 and "whole seconds" in r.stderr and budget in r.stderr
+    assert not any(tmp_path.iterdir())
