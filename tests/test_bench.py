@@ -14,6 +14,9 @@ from nbbn.programs import bench
 from nbbn.programs.bench_engines import ENGINES, TRAFFIC, dtype_named, make_inputs
 
 TINY = "4x3x5x5"
+#: The script of the checks for a lent device machine.
+DEVICE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".ci",
+                             "device")
 
 
 def run_cli(*args, env=None):
@@ -291,10 +294,9 @@ def test_cli_pipeline(tmp_path):
 def test_device_script_keeps_to_its_budget(tmp_path):
     """``.ci/device`` with no time left: the machine's heading, then every stage
     skipped (nothing compiled or measured), and no result files but its log."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (tmp_path / ".ci").mkdir()
     script = tmp_path / ".ci" / "device"
-    script.write_text(open(os.path.join(repo, ".ci", "device")).read())
+    script.write_text(open(DEVICE_SCRIPT).read())
     env = {**os.environ, "OUT": str(tmp_path / "out"),
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     r = subprocess.run(["bash", str(script), "0"], capture_output=True, text=True, env=env,
@@ -310,8 +312,7 @@ def test_device_script_keeps_to_its_budget(tmp_path):
 
 @pytest.mark.parametrize("budget", ["5m", "-3", "fast"])
 def test_device_script_refuses_a_budget_that_is_no_count_of_seconds(tmp_path, budget):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run(["bash", os.path.join(repo, ".ci", "device"), budget],
+    r = subprocess.run(["bash", DEVICE_SCRIPT, budget],
                        capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path)},
                        timeout=60)
     assert r.returncode == 2 and "whole seconds" in r.stderr and budget in r.stderr
