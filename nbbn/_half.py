@@ -178,6 +178,34 @@ def _narrow(typingctx, v, a):
     return a.dtype(v, a), codegen
 
 
+# --- a value of the type: rounded once ---------------------------------------------------
+
+@njit
+def _to_odd(v):
+    """float64 ``v`` as float32 rounded to odd: truncated toward 0, the last bit
+    set if anything was dropped. A half rounding of it is ``v``'s own (float32
+    has more than two bits to spare), where rounding ``v`` to float32 to nearest
+    first can land on a tie of the half type."""
+    f = np.float32(v)
+    if f + 0.0 == v:
+        return f
+    b = _bits_of_f32(f)
+    return _f32_from_bits((b - 1 if abs(f + 0.0) > abs(v) else b) | 1)
+
+
+def nearest(v, a):
+    """float64 ``v`` rounded once to nearest even in half array ``a``'s type,
+    saturating at its largest finite value, as float32 (inside jitted code)."""
+
+
+@overload(nearest)
+def _nearest(v, a):
+    top = {types.uint16: 65504.0, types.int16: 3.3895313892515355e38}.get(a.dtype)
+    if top is None:
+        return None
+    return lambda v, a: _widen(_narrow(_to_odd(min(max(v, -top), top)), a))
+
+
 # --- float32 arithmetic for half outputs --------------------------------------------------
 
 @intrinsic

@@ -268,26 +268,23 @@ def _affine_span(x, a, b, relu, mask, stream, out):
 
 
 # Half outputs of the forward: float32 arithmetic, exact enough (see
-# ``nbbn.kernels.half_coefficients``). Four float32 operations on eight lanes
+# ``nbbn.kernels.half_coefficients``). A subtraction and an fma on eight lanes
 # cost less than the float64 round trip (two widenings, two narrowings per
 # four values) that bounds the loops above for half arrays.
 
 @njit(inline="always")
-def _normalize_half(x, k, a_hi, a_lo, b_hi, b_lo, relu, out):
-    """``out = (x * a_hi + b_hi) + ((x - k) * a_lo + b_lo)`` in float32, each
-    product and sum rounded once (fused), ReLU'd if ``relu``; coefficients
+def _normalize_half(x, k, a, r, relu, out):
+    """``out = (x - k) * a + r`` in float32, the difference and the fused
+    product and sum each rounded once, ReLU'd if ``relu``; coefficients
     float32 scalars or arrays indexed like the span."""
     if relu:
         for i in range(x.shape[0]):
-            v = load(x, i)
-            y = fma(v, at(a_hi, i), at(b_hi, i)) + fma(v - at(k, i), at(a_lo, i), at(b_lo, i))
+            y = fma(load(x, i) - at(k, i), at(a, i), at(r, i))
             y = np.float32(0.0) if y < 0.0 else y
             store(out, i, y)
     else:
         for i in range(x.shape[0]):
-            v = load(x, i)
-            store(out, i, fma(v, at(a_hi, i), at(b_hi, i))
-                  + fma(v - at(k, i), at(a_lo, i), at(b_lo, i)))
+            store(out, i, fma(load(x, i) - at(k, i), at(a, i), at(r, i)))
 
 
 @njit(inline="always")
@@ -298,15 +295,14 @@ def _normalize_span_floats(x, a, b, coef, c, ok, relu, stream, out):
 @njit(cache=True)
 def _normalize_span_half(x, a, b, coef, c, ok, relu, stream, out):
     if ok:
-        _normalize_half(x, coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c], relu,
-                        out)
+        _normalize_half(x, coef[0, c], coef[1, c], coef[2, c], relu, out)
     else:
         _axpb(x, a, b, relu, out)
 
 
 #: The forward's output of a span: ``x * a + b`` (scalars, float64), or for a
 #: half output where ``ok``, :func:`_normalize_half` with column ``c`` of
-#: ``coef``, the five float32 coefficients of each channel.
+#: ``coef``, the three float32 coefficients of each channel.
 _normalize_span = by_element(_normalize_span_floats, _normalize_span_half)
 
 
@@ -318,13 +314,13 @@ def _normalize_row_floats(x, a, b, coef, ok, relu, out):
 @njit(inline="always")
 def _normalize_row_half(x, a, b, coef, ok, relu, out):
     if ok:
-        _normalize_half(x, coef[0], coef[1], coef[2], coef[3], coef[4], relu, out)
+        _normalize_half(x, coef[0], coef[1], coef[2], relu, out)
     else:
         _axpb(x, a, b, relu, out)
 
 
 #: :func:`_normalize_span` for a row: per-column arrays ``a``, ``b`` (float64),
-#: or the tuple ``coef`` of five float32 ones.
+#: or the tuple ``coef`` of three float32 ones.
 _normalize_row = by_element(_normalize_row_floats, _normalize_row_half)
 
 
@@ -336,8 +332,8 @@ def _normalize_columns_floats(x, a, b, coef, ok, relu, r, lo, hi, out):
 @njit(cache=True)
 def _normalize_columns_half(x, a, b, coef, ok, relu, r, lo, hi, out):
     if ok:
-        _normalize_half(x[r, lo:hi], coef[0][lo:hi], coef[1][lo:hi], coef[2][lo:hi],
-                        coef[3][lo:hi], coef[4][lo:hi], relu, out[r, lo:hi])
+        _normalize_half(x[r, lo:hi], coef[0][lo:hi], coef[1][lo:hi], coef[2][lo:hi], relu,
+                        out[r, lo:hi])
     else:
         _axpb(x[r, lo:hi], a[lo:hi], b[lo:hi], relu, out[r, lo:hi])
 
@@ -608,10 +604,9 @@ def _normalize_run_half(x, lo, hi, a, b, coef, c, ok, relu, out):
     if not ok:
         _normalize_run_floats(x, lo, hi, a, b, coef, c, ok, relu, out)
         return
-    k, a_hi, a_lo, b_hi, b_lo = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
+    k, a32, r = coef[0, c], coef[1, c], coef[2, c]
     for i in range(lo, hi):
-        v = load(x, i)
-        y = fma(v, a_hi, b_hi) + fma(v - k, a_lo, b_lo)
+        y = fma(load(x, i) - k, a32, r)
         if relu:
             y = np.float32(0.0) if y < 0.0 else y
         store(out, i, y)
@@ -624,7 +619,7 @@ _normalize_run = by_element(_normalize_run_floats, _normalize_run_half)
 def _normalize_runs(x, scale, shift, coef, ok, channels, inner, relu, q0, q1, out):
     """Runs ``q0:q1`` of 1-D ``x`` normalized as :func:`_normalize_span`
     does a span: ``x * scale[c] + shift[c]``, or for a half ``out`` where
-    ``ok``, :func:`_normalize_half` with column ``c`` of ``coef`` (5, C)."""
+    ``ok``, :func:`_normalize_half` with column ``c`` of ``coef`` (3, C)."""
     c = q0 % channels
     for q in range(q0, q1):
         lo, hi = _run_bounds(q, inner)

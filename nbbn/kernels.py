@@ -35,7 +35,7 @@ for small inputs): same tasks, same order, same bits.
 import numpy as np
 from numba import njit, prange
 
-from ._half import _bits_of_f32, _f32_from_bits, float_empty
+from ._half import float_empty, nearest
 from ._jit import at, by_element, parallel_kernel, plane_rows, row, serial_twin, span, tail
 from .kernel_loops import (_add_grad_columns, _affine_plain, _affine_runs, _affine_span,
                            _column_moments, _expand, _expand_rows, _fold_columns, _fold_tiles,
@@ -119,55 +119,49 @@ def _half_coefficients_floats(mean, scale, bias, out):
     return None, False
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _half_coefficients_half(mean, scale, bias, out):
-    """For each channel ``c``, float32 ``k, a_hi, a_lo, b_hi, b_lo`` with which
-    ``(x * a_hi + b_hi) + ((x - k) * a_lo + b_lo)``, each product and sum
-    rounded once to float32, is ``y = (x - m) * a + beta`` (float64 ``m =
-    mean[c]``, ``a = scale[c]`` or ``scale``, ``beta = bias[c]`` or 0) for any
-    half ``x``, if the channel is fine:
+    """For each channel ``c``, float32 ``k, a32, r`` with which ``(x - k) * a32
+    + r``, the difference and the fused product and sum each rounded once to
+    float32, is ``y = (x - m) * a + beta`` (float64 ``m = mean[c]``, ``a =
+    scale[c]`` or ``scale``, ``beta = bias[c]`` or 0) for any ``x`` of
+    ``out``'s half type, if the channel is fine:
 
-    * ``a_hi + a_lo`` is ``a`` to 2**-48, both of one sign (or ``a_lo`` a
-      negligible one of its sign): infinite ``x`` gives the infinity of ``y``;
-    * ``k`` is ``m`` in float32 and ``b_hi + b_lo`` is ``beta - m * a_hi -
-      (m - k) * a_lo``: where ``x == m`` (so ``k == m``) and ``beta == 0``,
-      the two terms are ``-b_lo`` and ``b_lo`` exactly, and ``y`` is 0;
-    * the error is at most about ``2**-23 |y| + 2**-46 (|m a| + 2 |beta|)``,
-      within 1 ulp of a half ``y`` where the second term is below 2**-27
-      (``HALF_LIMIT``): every float16 output, and bfloat16's down to 2**-18;
+    * ``k`` is the value of the type nearest to ``z = m - beta / a``, where
+      ``y`` is 0 (saturating; ``m`` if ``a`` is 0), and ``r = (k - m) * a +
+      beta``: for ``x`` other than ``k``, ``|x - z| >= |k - z|``, so ``|r| <=
+      |y|`` and ``|(x - k) a| <= 2 |y|``, and every rounding is relative to
+      ``y``; for ``x == k``, ``y`` is ``r``. Where ``x == m`` (a constant
+      channel) and ``beta == 0``, ``k`` is ``m``, ``r`` is 0, and so is ``y``;
+    * the error is at most about ``2**-21 |y| + 2**-50 (|m a| + 2 |beta|)``,
+      within 1 ulp of a half ``y`` where the second term is below 2**-31
+      (``HALF_LIMIT``): every float16 output, and bfloat16's down to 2**-22;
     * ``|k| <= 1e36``: ``x - k`` cannot overflow for a bfloat16 ``x``; ``a``
-      is 0 or at least 2**-100: its float32 parts are normal numbers.
+      is 0 or between 2**-100 and 2**100: ``a32`` is a normal number.
 
     Branch-free, so that the loop vectorizes (a call's setup was a third of
     a (256, 512) evaluation: measured)."""
     n = mean.shape[0]
-    coef = np.empty((5, n), np.float32)
-    k_, a_hi_, a_lo_, b_hi_, b_lo_ = coef[0], coef[1], coef[2], coef[3], coef[4]
+    coef = np.empty((3, n), np.float32)
     bad = 0
     for c in range(n):
         m, a = mean[c] + 0.0, at(scale, c)
         beta = 0.0 if bias is None else bias[c] + 0.0
-        k = np.float32(m)
-        a_hi = np.float32(a)  # then truncated: the next float32 toward 0 if it rounded up
-        a_hi = _f32_from_bits(_bits_of_f32(a_hi) - 1) if abs(a_hi + 0.0) > abs(a) else a_hi
-        a_lo = np.float32(a - a_hi)
-        tiny = max(abs(a_hi + 0.0) * 2.0 ** -60, 1.5e-45)
-        a_lo = np.float32(tiny if a_hi > 0.0 else -tiny) if a_lo == 0.0 and a_hi != 0.0 else a_lo
-        b = beta - m * a_hi - (m - k) * a_lo
-        b_hi = np.float32(b)
-        k_[c], a_hi_[c], a_lo_[c], b_hi_[c], b_lo_[c] = k, a_hi, a_lo, b_hi, np.float32(b - b_hi)
-        bad += not (np.isfinite(b) & np.isfinite(a) & (abs(k) <= 1e36)
-                    & ((a == 0.0) | (abs(a) >= 2.0 ** -100))
-                    & (abs(k * a) + 2.0 * abs(beta) <= HALF_LIMIT))
+        k = nearest(m - beta / a if a != 0.0 else m, out)
+        r = (k - m) * a + beta
+        coef[0, c], coef[1, c], coef[2, c] = k, a, r
+        bad += not (np.isfinite(r) & (abs(k) <= 1e36)
+                    & ((a == 0.0) | ((abs(a) >= 2.0 ** -100) & (abs(a) <= 2.0 ** 100)))
+                    & (abs(m * a) + 2.0 * abs(beta) <= HALF_LIMIT))
     return coef, bad == 0
 
 
-#: ``(coef, ok)``: for a half ``out``, the rows ``k, a_hi, a_lo, b_hi, b_lo``
-#: (5, C) float32 of :func:`_half_coefficients_half` for every channel (``scale`` an
-#: array or one value), and whether all are ``ok`` (else the call computes in
-#: float64); ``(None, False)`` for float outputs, so that the loops over the
-#: data carry nothing more for them (an array would cost its reference count
-#: in every task: 7% of a float32 evaluation of (4096, 1024), measured).
+#: ``(coef, ok)``: for a half ``out``, the rows ``k, a32, r`` (3, C) float32 of
+#: :func:`_half_coefficients_half` for every channel (``scale`` an array or
+#: one value), and whether all are ``ok`` (else the call computes in float64);
+#: ``(None, False)`` for float outputs, so that the loops over the data carry
+#: nothing more for them (an array would cost its reference count in every
+#: task: 7% of a float32 evaluation of (4096, 1024), measured).
 half_coefficients = by_element(_half_coefficients_floats, _half_coefficients_half)
 
 
@@ -471,13 +465,13 @@ def _row_coefficients_half(mean, scale, shift, bias, channels, inner, w, out):
     if not ok:
         a, b, _, _ = _row_coefficients_floats(mean, scale, shift, bias, channels, inner, w, out)
         none = np.empty(0, np.float32)
-        return a, b, (none, none, none, none, none), False
+        return a, b, (none, none, none), False
     wide = _expand_rows(coef, channels, inner, w)
-    return np.empty(0), np.empty(0), (wide[0], wide[1], wide[2], wide[3], wide[4]), True
+    return np.empty(0), np.empty(0), (wide[0], wide[1], wide[2]), True
 
 
 #: ``(a, b, coef, ok)`` for :func:`_normalize_row`: ``scale`` and ``shift``
-#: over the ``w`` columns of a row, or for a half ``out`` where ``ok``, the five
+#: over the ``w`` columns of a row, or for a half ``out`` where ``ok``, the three
 #: rows of :func:`half_coefficients` over them, as a tuple of float32 arrays
 #: (no views are made of them in the loop over rows of up to ``ROW_TASK``
 #: values: a view costs a reference count on an array every task shares;
