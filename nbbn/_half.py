@@ -187,10 +187,9 @@ def _to_odd(v):
     has more than two bits to spare), where rounding ``v`` to float32 to nearest
     first can land on a tie of the half type."""
     f = np.float32(v)
-    if f + 0.0 == v:
-        return f
     b = _bits_of_f32(f)
-    return _f32_from_bits((b - 1 if abs(f + 0.0) > abs(v) else b) | 1)
+    odd = _f32_from_bits((b - 1 if abs(f + 0.0) > abs(v) else b) | 1)
+    return f if f + 0.0 == v else odd
 
 
 def nearest(v, a):

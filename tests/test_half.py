@@ -2,8 +2,9 @@
 and ml_dtypes' bfloat16 casts: widening over every 16-bit pattern; narrowing over every
 float32 within two ulps of each rounding boundary (the midpoints between neighbouring half
 values), a dense sweep of all float32 bit patterns, and float64 values near the boundaries,
-where a double rounding through float32 would go wrong. Then the forward's float32
-normalization of half inputs, over every 16-bit pattern, against float64 rounded once."""
+where a double rounding through float32 would go wrong (and ``nearest``, which rounds
+them once). Then the forward's float32 normalization of half inputs, over every 16-bit
+pattern, against float64 rounded once."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -193,6 +194,31 @@ def test_narrowing_float64_goes_through_float32(dtype):
     ties = np.concatenate([(finite_values[:-1] + finite_values[1:]) / 2, [-top, top]])
     assert np.isin(wide.astype(np.float32).astype(np.float64)[differ], ties).all()
 
+
+
+@njit
+def _nearest(x, a):
+    out = np.empty(x.shape[0], np.float32)
+    for i in range(x.shape[0]):
+        out[i] = half.nearest(x[i], a)
+    return out
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=["float16", "bfloat16"])
+def test_nearest_rounds_float64_once_and_saturates(dtype):
+    """``nearest`` (the forward's zero points): float64 rounded once, where the
+    narrowing above can land on a tie, and saturated at the type's largest
+    finite value; NaN stays NaN."""
+    rng = np.random.default_rng(6)
+    mid = _boundaries(dtype).astype(np.float64)
+    mid = mid[np.isfinite(mid)]
+    ulp32 = np.abs(mid) * 2.0 ** -30 + 1e-300
+    wide = np.concatenate([mid - ulp32, mid + ulp32, mid, [1e300, -1e300, np.inf, -np.inf],
+                           rng.standard_normal(1 << 16) * 10.0 ** rng.uniform(-10, 6, 1 << 16)])
+    top = LARGEST[dtype.name]
+    expected = _correctly_rounded(np.clip(wide, -top, top), dtype).astype(np.float32)
+    np.testing.assert_array_equal(_nearest(wide, kernel_view(np.empty(0, dtype))), expected)
+    assert np.isnan(_nearest(np.array([np.nan]), kernel_view(np.empty(0, dtype)))).all()
 
 def test_float_arrays_pass_through():
     x = np.array([1.5, -2.25, np.nan], np.float64)
