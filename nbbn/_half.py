@@ -238,19 +238,6 @@ def store(a, i, v):
     float64 ``v``; inside jitted code)."""
 
 
-def squares_in_range(a):
-    """Whether float32 squares of differences of ``a``'s elements (after
-    :func:`load`, minus a float32 value) are always finite and normal, or 0
-    (inside jitted code): float16's are (``|d|`` is 0 or between 2**-47 and
-    2**17), bfloat16's are not (float32's exponent range)."""
-
-
-@overload(squares_in_range, inline="always")
-def _squares_in_range(a):
-    safe = a.dtype == types.uint16
-    return lambda a: safe
-
-
 @overload(float_empty)
 def _float_empty(n, a):
     if a.dtype in (types.uint16, types.int16):

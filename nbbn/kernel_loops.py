@@ -7,8 +7,7 @@ must handle negative (wrap-around) indices and LLVM no longer vectorizes.
 Statistics take one pass over memory: each block of ``BLOCK`` elements (of
 rows, in the rows layout) gives its first and second moments about a pivot
 in one pass (see ``PIVOT_BITS``), and block states (count, mean, M2) are
-merged with Chan's formula; all accumulation is in float64 (but for half
-elements, see ``HALF_RUN``). ``relu`` variants compute ``max(v, 0)`` in the
+merged with Chan's formula; all accumulation is in float64. ``relu`` variants compute ``max(v, 0)`` in the
 same pass (NaN propagates); ``mask`` variants read a saved ReLU output and
 treat the gradient as 0 where ``mask > 0`` is false, as the ReLU backward does
 (every element is read and then selected: a conditional read of 16-bit
@@ -27,7 +26,7 @@ The forward's output of a half array has a float32 loop of its own
 import numpy as np
 from numba import njit
 
-from ._half import fma, load, squares_in_range, store
+from ._half import fma, load, store
 from ._jit import (STREAM_BYTES, at, by_element, head, row, store_fence, stream_axpb,
                    stream_grad_input, tail)
 
@@ -57,41 +56,6 @@ def _sum_squared_deviations(x, mean):
     return acc
 
 
-# Half elements: float32 squared deviations. The mean stays a float64 sum (exact
-# for float16: the values are multiples of 2**-24 below 2**16), since the outputs
-# near 0 need it to their last bit; the second moment needs only a small relative
-# error (the outputs' is half of it), so it is summed in float32, in runs of
-# ``HALF_RUN`` (a pass of 8 float32 lanes, where float64 takes two widenings and 4
-# lanes: the deviations pass of a float16 block took 0.56 of the time, measured),
-# about ``k``, the mean rounded to float32, and corrected in float64 by
-# ``n * (mean - k)**2``. Error: each difference and square rounds once and a run's
-# sum of positive terms at most ``HALF_RUN - 1`` times, so the second moment is
-# within 2**-16 of itself (any order of the sum), and exact where ``x == k``
-# throughout (a constant block). bfloat16 squares can overflow or underflow
-# float32: a result outside [n 2**-100, 2**100] is computed again in float64.
-
-#: Squared deviations of half elements summed in float32 at most this many at a time.
-HALF_RUN = 256
-#: float32 second moments of half elements outside [n M2_FLOOR, M2_CEILING] may have
-#: lost range (bfloat16) and are computed again in float64.
-M2_FLOOR, M2_CEILING = 2.0 ** -100, 2.0 ** 100
-
-
-@njit(fastmath=_REDUCE, cache=True)
-def _squares_about(x, k):
-    """``sum((x - k)**2)`` in float32, any order, ``k`` float32."""
-    acc = np.float32(0.0)
-    for i in range(x.shape[0]):
-        d = load(x, i) - k
-        acc += d * d
-    return acc
-
-
-@njit(cache=True)
-def _in_range(m2, n, x):
-    return squares_in_range(x) or (n * M2_FLOOR <= m2 <= M2_CEILING)
-
-
 @njit(cache=True)
 def _two_pass_moments(x):
     """(mean, M2) of a block: its sum, then its squared deviations from the mean."""
@@ -99,7 +63,7 @@ def _two_pass_moments(x):
     return mean, _sum_squared_deviations(x, mean)
 
 
-# Float elements: one pass over a block for both moments, about a pivot ``k``,
+# One pass over a block for both moments, about a pivot ``k``,
 # one of its values: ``s1 = sum(x - k)``, ``s2 = sum((x - k)**2)``, mean ``k +
 # s1 / n`` and ``M2 = s2 - s1**2 / n``. The subtraction loses ``log2(s2 / M2)``
 # bits, and ``s2 / M2 = 1 + n (mean - k)**2 / M2 <= 1 + n``, since ``M2`` holds
@@ -108,7 +72,10 @@ def _two_pass_moments(x):
 # finite, the block is read again in two passes (sum, then squared deviations
 # from the mean). A constant block's M2 is 0 exactly. The second read saved
 # made the statistics of float32 rows 0.80 of the time at (4096, 1024), 0.92
-# at (256, 512) (measured, 2 threads).
+# at (256, 512) (measured, 2 threads). Half elements take the same pass (for
+# float16 every difference and sum of a block is exact): it took 0.70-0.79 of
+# the time of a float64 mean and float32 runs of squared deviations in rows,
+# 0.84-0.91 in planes (measured paired, one thread, 2026-12-07).
 
 #: Bits of the second moment a one-pass (pivoted) block may lose, at most.
 PIVOT_BITS = 10
@@ -133,30 +100,14 @@ def _pivot_fine(s1, s2, m2):
 
 
 @njit(cache=True)
-def _block_moments_floats(x):
+def _block_moments(x):
+    """``(mean, M2)`` of a block: one pivoted pass, or two where it lost too much."""
     k = load(x, 0) + 0.0
     s1, s2 = _pivoted_sums(x, k)
     m2 = s2 - s1 * (s1 / x.shape[0])
     if _pivot_fine(s1, s2, m2):
         return k + s1 / x.shape[0], m2
     return _two_pass_moments(x)
-
-
-@njit(cache=True)
-def _block_moments_half(x):
-    n = x.shape[0]
-    mean = _sum(x) / n
-    k = np.float32(mean)
-    acc = 0.0
-    for start in range(0, n, HALF_RUN):
-        acc += _squares_about(x[start:start + HALF_RUN], k)
-    m2 = acc - n * (mean - k) ** 2
-    return mean, m2 if _in_range(m2, n, x) else _sum_squared_deviations(x, mean)
-
-
-#: ``(mean, M2)`` of a block: one pivoted pass for float elements, or for
-#: half ones a float64 mean and float32 runs of squared deviations.
-_block_moments = by_element(_block_moments_floats, _block_moments_half)
 
 
 @njit(cache=True)
@@ -401,7 +352,7 @@ def _add_columns(acc, x, r0, r1, lo):
 
 
 @njit(cache=True)
-def _add_squared_deviations_floats(acc, r0, r1, lo, mean, x):
+def _add_squared_deviations(acc, r0, r1, lo, mean, x):
     hi = lo + acc.shape[0]
     r = r0
     while r + 4 <= r1:
@@ -419,24 +370,6 @@ def _add_squared_deviations_floats(acc, r0, r1, lo, mean, x):
 
 
 @njit(cache=True)
-def _add_squared_deviations_half(acc, r0, r1, lo, mean, x):
-    """The float32 form of the block moments above, four rows at a time (a
-    run of 4: within 2**-21), about ``k``; the whole block again in float64
-    if a column's result is out of range (bfloat16)."""
-    k = np.empty(acc.shape[0], np.float32)
-    for j in range(acc.shape[0]):
-        k[j] = np.float32(mean[j])
-    _add_squared_deviations_floats(acc, r0, r1, lo, k, x)  # float32 arithmetic about k
-    fine = True
-    for j in range(acc.shape[0]):
-        acc[j] -= (r1 - r0) * (mean[j] - k[j]) ** 2
-        fine = fine and _in_range(acc[j], r1 - r0, x)
-    if not fine:
-        acc[:] = 0.0
-        _add_squared_deviations_floats(acc, r0, r1, lo, mean, x)
-
-
-@njit(cache=True)
 def _column_means(mean, r0, r1, lo, x):
     mean[:] = 0.0
     _add_columns(mean, x, r0, r1, lo)
@@ -447,13 +380,15 @@ def _column_means(mean, r0, r1, lo, x):
 def _two_pass_columns(mean, m2, r0, r1, lo, x):
     _column_means(mean, r0, r1, lo, x)
     m2[:] = 0.0
-    _add_squared_deviations_floats(m2, r0, r1, lo, mean, x)
+    _add_squared_deviations(m2, r0, r1, lo, mean, x)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def _column_moments_floats(mean, m2, r0, r1, lo, x):
-    """One pivoted pass (see ``PIVOT_BITS``), the pivot of each column being
-    its value in row ``r0``; two passes again if one column needs them."""
+def _column_moments(mean, m2, r0, r1, lo, x):
+    """Per column of rows ``r0:r1``, columns ``lo:lo+len(mean)`` of ``x``: the
+    mean and M2 into ``mean`` and ``m2``, four rows per visit of them, in one
+    pivoted pass (see ``PIVOT_BITS``), the pivot of each column being its
+    value in row ``r0``; two passes again if one column needs them."""
     hi, n = lo + mean.shape[0], r1 - r0
     pivot = x[r0, lo:hi]
     mean[:] = 0.0
@@ -481,20 +416,6 @@ def _column_moments_floats(mean, m2, r0, r1, lo, x):
         bad += not _pivot_fine(s1, s2, v)
     if bad:
         _two_pass_columns(mean, m2, r0, r1, lo, x)
-
-
-@njit(cache=True)
-def _column_moments_half(mean, m2, r0, r1, lo, x):
-    _column_means(mean, r0, r1, lo, x)
-    m2[:] = 0.0
-    _add_squared_deviations_half(m2, r0, r1, lo, mean, x)
-
-
-#: Per column of rows ``r0:r1``, columns ``lo:lo+len(mean)`` of ``x``: the
-#: mean and M2 into ``mean`` and ``m2``, four rows per visit of them; one
-#: pivoted pass for float elements, two passes for half ones (float32 runs
-#: of squared deviations, as above).
-_column_moments = by_element(_column_moments_floats, _column_moments_half)
 
 
 @njit(cache=True)
