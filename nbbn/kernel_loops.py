@@ -5,15 +5,15 @@ nothing else.
 Every span loop runs from index 0 over a 1-D view: with a start offset numba
 must handle negative (wrap-around) indices and LLVM no longer vectorizes.
 Statistics take one pass over memory: each block of ``BLOCK`` elements (of
-rows, in the rows layout) gives its first and second moments about a pivot
-in one pass (see ``PIVOT_BITS``), and block states (count, mean, M2) are
-merged with Chan's formula; all accumulation is in float64. ``relu`` variants compute ``max(v, 0)`` in the
-same pass (NaN propagates); ``mask`` variants read a saved ReLU output and
-treat the gradient as 0 where ``mask > 0`` is false, as the ReLU backward does
-(every element is read and then selected: a conditional read of 16-bit
-elements has no vector instruction, so it would keep the loop scalar). A
-selected value is named before it is stored: numba's code for a conditional
-expression written inside the call does not vectorize.
+rows, in the rows layout) gives its first and second moments about a pivot in
+one pass (see ``PIVOT_BITS``), and block states (count, mean, M2) are merged
+with Chan's formula; all accumulation is in float64. ``relu`` variants compute
+``max(v, 0)`` in the same pass (NaN propagates); ``mask`` variants read a saved
+ReLU output and treat the gradient as 0 where ``mask > 0`` is false, as the
+ReLU backward does (every element is read and then selected: a conditional read
+of 16-bit elements has no vector instruction, so it would keep the loop
+scalar). A selected value is named before it is stored: numba's code for a
+conditional expression written inside the call does not vectorize.
 Span loops that write stream their stores past the caches when asked (``stream``).
 
 Elements are read through ``load`` and written through ``store``
@@ -63,19 +63,20 @@ def _two_pass_moments(x):
     return mean, _sum_squared_deviations(x, mean)
 
 
-# One pass over a block for both moments, about a pivot ``k``,
-# one of its values: ``s1 = sum(x - k)``, ``s2 = sum((x - k)**2)``, mean ``k +
-# s1 / n`` and ``M2 = s2 - s1**2 / n``. The subtraction loses ``log2(s2 / M2)``
-# bits, and ``s2 / M2 = 1 + n (mean - k)**2 / M2 <= 1 + n``, since ``M2`` holds
-# ``(k - mean)**2``: a few bits, and at most ``PIVOT_BITS``, past which (an
-# outlier first in a block of over 1023 values), or where the sums are not
-# finite, the block is read again in two passes (sum, then squared deviations
-# from the mean). A constant block's M2 is 0 exactly. The second read saved
-# made the statistics of float32 rows 0.80 of the time at (4096, 1024), 0.92
-# at (256, 512) (measured, 2 threads). Half elements take the same pass (for
-# float16 every difference and sum of a block is exact): it took 0.70-0.79 of
-# the time of a float64 mean and float32 runs of squared deviations in rows,
-# 0.84-0.91 in planes (measured paired, one thread, 2026-12-07).
+# One pass over a block for both moments, about a pivot ``k``, one of its
+# values: ``s1 = sum(x - k)``, ``s2 = sum((x - k)**2)``, mean ``k + s1 / n``
+# and ``M2 = s2 - s1**2 / n``. The subtraction loses ``log2(s2 / M2)`` bits,
+# and ``s2 / M2 = 1 + n (mean - k)**2 / M2 <= 1 + n``, since ``M2`` holds
+# ``(k - mean)**2``: a few bits, and at most ``PIVOT_BITS``, past which (an outlier
+# first in a block of over 1023 values), or where the sums are not finite, the
+# block is read again in two passes (sum, then squared deviations from the
+# mean). A constant block's M2 is 0 exactly. The second read saved made the
+# statistics of float32 rows 0.80 of the time at (4096, 1024), 0.92 at (256,
+# 512) (measured, 2 threads). Half elements take the same pass (for float16
+# every difference is exact, and so is any sum of up to 2**12 of them, a planes
+# block): it took 0.70-0.79 of the time of a float64 mean and float32 runs of
+# squared deviations in rows, 0.84-0.91 in planes (measured paired, one thread,
+# 2026-12-07).
 
 #: Bits of the second moment a one-pass (pivoted) block may lose, at most.
 PIVOT_BITS = 10
